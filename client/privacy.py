@@ -1,0 +1,106 @@
+"""Differential privacy for outer-loop gradients, with Opacus doing the clipping, noise and accounting.
+
+Privacy unit: one record (a scan, or a patient when patient ids exist) at one hospital, under
+remove-one-record adjacency. Records go into a fixed number of episode groups by a keyed hash of
+the record id (a rule that does not look at any other record), groups are Poisson-sampled each
+meta-step, and each sampled group yields one episode and one clipped outer-loop gradient.
+Removing a record changes at most one group's clipped gradient ``g`` into another ``g'`` with
+``|g|, |g'| <= C``, so the L2 sensitivity of the summed clipped gradients is ``2C``.
+
+Opacus' ``DPOptimizer`` adds noise of std ``noise_multiplier * C``; the accountant must be told
+``std / sensitivity = noise_multiplier / 2``. :class:`PrivateRelease` owns that conversion.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from opacus.accountants import IAccountant, PRVAccountant, RDPAccountant
+from opacus.accountants.utils import get_noise_multiplier
+from opacus.optimizers import DPOptimizer
+
+from shared.config import Accountant
+from shared.maml import OuterGrads, Params
+
+SENSITIVITY_IN_CLIP_NORMS = 2.0
+
+
+def make_accountant(kind: Accountant) -> IAccountant:
+    return {"rdp": RDPAccountant, "prv": PRVAccountant}[kind]()
+
+
+def calibrate_accountant_noise(
+    target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: Accountant
+) -> float:
+    """Noise multiplier (std over sensitivity) that spends ``target_epsilon`` in ``steps`` steps."""
+    return get_noise_multiplier(
+        target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps, accountant=accountant
+    )
+
+
+@dataclass(frozen=True)
+class NoiseCalibration:
+    """The accountant's noise multiplier and the std Opacus must add for it."""
+
+    accountant_noise_multiplier: float
+    max_grad_norm: float
+
+    @property
+    def sensitivity(self) -> float:
+        return SENSITIVITY_IN_CLIP_NORMS * self.max_grad_norm
+
+    @property
+    def noise_std(self) -> float:
+        return self.accountant_noise_multiplier * self.sensitivity
+
+    @property
+    def opacus_noise_multiplier(self) -> float:
+        return self.noise_std / self.max_grad_norm
+
+
+class PrivateRelease:
+    """Clips per-episode outer-loop gradients, sums them and adds Gaussian noise with Opacus'
+    ``DPOptimizer``; the result is the mean gradient over the expected number of episodes.
+
+    Opacus' GradSampleModule cannot see through a MAML inner loop, so the per-episode meta-gradients
+    are written into ``p.grad_sample`` directly and ``pre_step()`` turns them into ``p.grad``.
+    """
+
+    def __init__(
+        self,
+        meta_params: Params,
+        calibration: NoiseCalibration,
+        expected_episodes: float,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        self.calibration = calibration
+        self.params = {n: torch.nn.Parameter(v.detach().clone()) for n, v in meta_params.items()}
+        self.optimizer = DPOptimizer(
+            torch.optim.SGD(list(self.params.values()), lr=0.0),
+            noise_multiplier=calibration.opacus_noise_multiplier,
+            max_grad_norm=calibration.max_grad_norm,
+            expected_batch_size=max(1, round(expected_episodes)),
+            loss_reduction="mean",
+            generator=generator,
+        )
+
+    def _load(self, outer: OuterGrads) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        for name, p in self.params.items():
+            p.grad_sample = outer.grads[name].to(p.dtype)
+
+    def release(self, outer: OuterGrads) -> Params:
+        self._load(outer)
+        self.optimizer.pre_step()
+        released = {name: p.grad.detach().clone() for name, p in self.params.items()}
+        self.optimizer.zero_grad(set_to_none=True)
+        return released
+
+    def clipped_sum(self, outer: OuterGrads) -> Params:
+        """The summed clipped gradients before noise (what the sensitivity bound is about)."""
+        self._load(outer)
+        self.optimizer.clip_and_accumulate()
+        summed = {name: p.summed_grad.detach().clone() for name, p in self.params.items()}
+        self.optimizer.zero_grad(set_to_none=True)
+        return summed

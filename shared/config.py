@@ -1,0 +1,188 @@
+"""One typed configuration object for a fedmeta run.
+
+The Flower run config (``[tool.flwr.app.config]`` in ``pyproject.toml``, overridden by
+``flwr run --run-config`` or the ``fedmeta`` CLI) is a flat mapping of dotted keys such as
+``maml.inner-steps``. :meth:`FedMetaConfig.from_flat` turns it into this tree once, at the entry
+point, and everything below receives the typed object.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal, get_args, get_type_hints
+
+from shared.errors import UserError
+
+Arch = Literal["conv4", "resnet18"]
+Order = Literal["second", "first"]
+ExecutionPath = Literal["auto", "loop", "batched"]
+Accountant = Literal["rdp", "prv"]
+Aggregation = Literal["episodes", "uniform"]
+ServerOptimizer = Literal["adam", "sgd"]
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration value is missing, unknown or of the wrong type."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: Arch = "conv4"
+    in_channels: int = 1
+    image_size: int = 28
+    width: int = 32
+    n_way: int = 2
+
+    def __post_init__(self) -> None:
+        if self.arch == "conv4" and self.image_size not in (28, 64, 128):
+            raise ConfigError(f"model.image-size={self.image_size} is not supported by conv4; use 28, 64 or 128")
+        if self.in_channels not in (1, 3):
+            raise ConfigError(f"model.in-channels={self.in_channels}: use 1 (gray) or 3 (colour)")
+        if self.n_way < 2:
+            raise ConfigError(f"model.n-way={self.n_way}: a classifier needs at least 2 classes")
+
+
+@dataclass(frozen=True)
+class MamlConfig:
+    inner_steps: int = 5
+    inner_lr: float = 0.1
+    order: Order = "second"
+    anil: bool = False
+    meta_sgd: bool = False
+    path: ExecutionPath = "auto"
+
+    def __post_init__(self) -> None:
+        if self.inner_steps < 0:
+            raise ConfigError(f"maml.inner-steps={self.inner_steps}: must be >= 0")
+        if self.inner_lr <= 0:
+            raise ConfigError(f"maml.inner-lr={self.inner_lr}: must be > 0")
+
+
+@dataclass(frozen=True)
+class EpisodeConfig:
+    k_shot: int = 5
+    q_query: int = 15
+    meta_batch: int = 16
+
+    def __post_init__(self) -> None:
+        if self.k_shot < 1 or self.q_query < 1 or self.meta_batch < 1:
+            raise ConfigError("episode.k-shot, episode.q-query and episode.meta-batch must be >= 1")
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    enabled: bool = True
+    max_grad_norm: float = 1.0
+    noise_multiplier: float = 0.0  # 0 means: calibrate from target_epsilon
+    target_epsilon: float = 8.0
+    delta: float = 1e-5
+    accountant: Accountant = "rdp"
+    groups_per_step: int = 8
+
+    def __post_init__(self) -> None:
+        if self.max_grad_norm <= 0:
+            raise ConfigError(f"privacy.max-grad-norm={self.max_grad_norm}: must be > 0")
+        if not 0 < self.delta < 1:
+            raise ConfigError(f"privacy.delta={self.delta}: must be in (0, 1)")
+        if self.noise_multiplier < 0 or self.target_epsilon <= 0:
+            raise ConfigError("privacy.noise-multiplier must be >= 0 and privacy.target-epsilon > 0")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    rounds: int = 3
+    fraction_train: float = 1.0
+    min_train_nodes: int = 2
+    local_steps: int = 1
+    meta_lr: float = 1e-3
+    optimizer: ServerOptimizer = "adam"
+    aggregation: Aggregation = "episodes"
+    max_update_norm: float = 1e3
+    round_timeout_s: float = 600.0
+
+
+@dataclass(frozen=True)
+class FedMetaConfig:
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    maml: MamlConfig = field(default_factory=MamlConfig)
+    episode: EpisodeConfig = field(default_factory=EpisodeConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+
+    @classmethod
+    def from_flat(cls, flat: dict[str, Any]) -> FedMetaConfig:
+        """Build from dotted keys (``maml.inner-steps``); unknown keys are an error."""
+        sections: dict[str, dict[str, Any]] = {}
+        top: dict[str, Any] = {}
+        for key, value in flat.items():
+            section, _, name = key.rpartition(".")
+            target = sections.setdefault(section, {}) if section else top
+            target[name.replace("-", "_")] = value
+        hints = get_type_hints(cls)
+        kwargs = _coerce(cls, top, prefix="")
+        for section, values in sections.items():
+            if section not in hints or not dataclasses.is_dataclass(hints[section]):
+                raise ConfigError(f"unknown config section '{section}' (known: {_section_names()})")
+            kwargs[section] = hints[section](**_coerce(hints[section], values, prefix=section + "."))
+        return cls(**kwargs)
+
+    def to_flat(self) -> dict[str, Any]:
+        flat: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if dataclasses.is_dataclass(value):
+                for sub in fields(value):
+                    flat[f"{f.name}.{sub.name.replace('_', '-')}"] = getattr(value, sub.name)
+            else:
+                flat[f.name.replace("_", "-")] = value
+        return flat
+
+    def replace(self, **sections: Any) -> FedMetaConfig:
+        """Copy with some fields of some sections changed: ``cfg.replace(maml={"order": "first"})``."""
+        changes = {
+            name: dataclasses.replace(getattr(self, name), **values) if isinstance(values, dict) else values
+            for name, values in sections.items()
+        }
+        return dataclasses.replace(self, **changes)
+
+
+def _section_names() -> str:
+    return ", ".join(f.name for f in fields(FedMetaConfig) if f.name != "seed")
+
+
+def _coerce(cls: type, values: dict[str, Any], prefix: str) -> dict[str, Any]:
+    hints = get_type_hints(cls)
+    out: dict[str, Any] = {}
+    for name, value in values.items():
+        key = prefix + name.replace("_", "-")
+        if name not in hints or dataclasses.is_dataclass(hints[name]):
+            known = ", ".join(prefix + f.name.replace("_", "-") for f in fields(cls))
+            raise ConfigError(f"unknown config key '{key}' (known: {known})")
+        out[name] = _coerce_value(key, hints[name], value)
+    return out
+
+
+def _coerce_value(key: str, hint: Any, value: Any) -> Any:
+    choices = get_args(hint)
+    if choices and all(isinstance(c, str) for c in choices):
+        if value not in choices:
+            raise ConfigError(f"config key '{key}'={value!r}: choose one of {', '.join(choices)}")
+        return value
+    try:
+        if hint is bool:
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError
+                return value.lower() in ("true", "1")
+            return bool(value)
+        if hint is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if hint is float:
+            return float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"config key '{key}'={value!r} is not a valid {hint.__name__}") from None
+    return value

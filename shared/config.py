@@ -51,6 +51,7 @@ class MamlConfig:
     anil: bool = False
     meta_sgd: bool = False
     path: ExecutionPath = "auto"
+    cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
         if self.inner_steps < 0:

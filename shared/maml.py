@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call, vmap
 
 from shared.config import ExecutionPath, MamlConfig
 from shared.models import BACKBONE_PREFIX, HEAD_PREFIX, MetaClassifier
@@ -55,6 +55,10 @@ class EpisodeBatch:
             self.query_x.to(device=device, dtype=dtype),
             self.query_y.to(device),
         )
+
+    def episode(self, i: int) -> EpisodeBatch:
+        """Episode ``i`` alone, without the leading episode dimension."""
+        return EpisodeBatch(self.support_x[i], self.support_y[i], self.query_x[i], self.query_y[i])
 
     def select(self, index: int | slice | Tensor) -> EpisodeBatch:
         """Episodes at ``index``, keeping the leading episode dimension."""
@@ -107,6 +111,7 @@ class MetaLearner:
         names = [name for name, _ in model.named_parameters()]
         self.adapted_names = [n for n in names if n.startswith(HEAD_PREFIX)] if cfg.anil else names
         self._replicas = threading.local()
+        self._graphed = GraphedOuterGrads(self._batched_outer_grads)
 
     def init_meta_params(self) -> Params:
         params = {name: p.detach().clone() for name, p in self.model.named_parameters()}
@@ -140,40 +145,37 @@ class MetaLearner:
         support_y: Tensor,
         inner_grads: InnerGrads,
         steps: int | None = None,
+        batched: bool = False,
     ) -> Callable[[Tensor], Tensor]:
         """Run the inner loop on the support set; return the adapted model as a function of images.
 
+        ``batched``: every tensor has a leading episode dimension and the forward pass is
+        ``vmap``-ed over it; the summed loss then has each episode's gradient in its own slice.
         With ANIL only the head adapts, so the backbone's features are computed once.
         """
         steps = self.cfg.inner_steps if steps is None else steps
+        features = vmap(self.features) if batched else self.features
+        head = vmap(self._head_logits) if batched else self._head_logits
         adapted = {n: meta_params[n] for n in self.adapted_names}
         if self.cfg.anil:
-            support_features = self.features(meta_params, support_x)
+            support_features = features(meta_params, support_x)
 
             def support_loss(fast: Params) -> Tensor:
-                return F.cross_entropy(self._head_logits(fast, support_features), support_y)
+                return _summed_episode_loss(head(fast, support_features), support_y)
         else:
 
             def support_loss(fast: Params) -> Tensor:
-                return F.cross_entropy(self.logits(fast, support_x), support_y)
+                return _summed_episode_loss(head(fast, features(fast, support_x)), support_y)
 
         for _ in range(steps):
             grads = inner_grads(support_loss, adapted)
             adapted = {n: p - self._inner_lr(meta_params, n) * grads[n] for n, p in adapted.items()}
         if self.cfg.anil:
-            return lambda x: self._head_logits(adapted, self.features(meta_params, x))
-        return lambda x: self.logits(adapted, x)
+            return lambda x: head(adapted, features(meta_params, x))
+        return lambda x: head(adapted, features(adapted, x))
 
     def _inner_lr(self, meta_params: Params, name: str) -> Tensor | float:
         return meta_params[INNER_LR_PREFIX + name] if self.cfg.meta_sgd else self.cfg.inner_lr
-
-    # -- inner-loop differentiation: torch.func for the batched path, autograd for the loop --
-
-    def _func_inner_grads(self, loss: Callable[[Params], Tensor], fast: Params) -> Params:
-        grads = grad(loss)(fast)
-        if self.cfg.order == "first":
-            grads = {n: g.detach() for n, g in grads.items()}
-        return grads
 
     def _autograd_inner_grads(self, loss: Callable[[Params], Tensor], fast: Params) -> Params:
         values = torch.autograd.grad(loss(fast), list(fast.values()), create_graph=self.cfg.order == "second")
@@ -184,47 +186,52 @@ class MetaLearner:
         leaves = {n: p.detach().requires_grad_() for n, p in fast.items()}
         return dict(zip(fast, torch.autograd.grad(loss(leaves), list(leaves.values())), strict=True))
 
-    # -- outer loop --
-
-    def _outer_loss_func(
-        self, meta_params: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        adapted = self.adapt(meta_params, sx, sy, self._func_inner_grads)
-        loss = F.cross_entropy(adapted(qx), qy)
-        return loss, loss.detach()
-
-    def _episode_outer_grad_autograd(self, meta_params: Params, batch: EpisodeBatch, i: int) -> tuple[Params, Tensor]:
-        leaves = {n: p.detach().requires_grad_() for n, p in meta_params.items()}
+    def _outer_grads(self, leaves: Params, batch: EpisodeBatch, batched: bool) -> tuple[Params, Tensor]:
+        """Gradients of the post-adaptation query loss w.r.t. ``leaves`` (one episode, or all
+        episodes with a leading dimension when ``batched``)."""
         with torch.enable_grad():
-            adapted = self.adapt(leaves, batch.support_x[i], batch.support_y[i], self._autograd_inner_grads)
-            loss = F.cross_entropy(adapted(batch.query_x[i]), batch.query_y[i])
-            grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+            adapted = self.adapt(leaves, batch.support_x, batch.support_y, self._autograd_inner_grads, batched=batched)
+            query_losses = (
+                F.cross_entropy(adapted(batch.query_x).flatten(0, -2), batch.query_y.flatten(), reduction="none")
+                .view(batch.query_y.shape)
+                .mean(-1)
+            )
+            grads = torch.autograd.grad(query_losses.sum(), list(leaves.values()), allow_unused=True)
         return (
             {n: torch.zeros_like(p) if g is None else g for (n, p), g in zip(leaves.items(), grads, strict=True)},
-            loss.detach(),
+            query_losses.detach(),
         )
 
     def per_episode_outer_grads(
         self, meta_params: Params, batch: EpisodeBatch, path: ExecutionPath | None = None
     ) -> OuterGrads:
         device = next(iter(meta_params.values())).device
-        chosen = resolve_path(path or self.cfg.path, device)
-        if chosen == "batched":
-            per_episode = grad(self._outer_loss_func, has_aux=True)
-            grads, losses = vmap(per_episode, in_dims=(None, 0, 0, 0, 0))(
-                meta_params, batch.support_x, batch.support_y, batch.query_x, batch.query_y
-            )
-            return OuterGrads(grads, losses)
+        if resolve_path(path or self.cfg.path, device) == "batched":
+            if device.type == "cuda" and self.cfg.cuda_graphs:
+                return self._graphed(meta_params, batch)
+            return self._batched_outer_grads(meta_params, batch)
+
+        def one_episode(i: int) -> tuple[Params, Tensor]:
+            leaves = {n: p.detach().requires_grad_() for n, p in meta_params.items()}
+            return self._outer_grads(leaves, batch.episode(i), batched=False)
+
         workers = min(len(batch), torch.get_num_threads()) if device.type == "cpu" else 1
         if workers > 1:
             with _intra_op_threads(1), ThreadPoolExecutor(workers) as pool:
-                results = list(
-                    pool.map(lambda i: self._episode_outer_grad_autograd(meta_params, batch, i), range(len(batch)))
-                )
+                results = list(pool.map(one_episode, range(len(batch))))
         else:
-            results = [self._episode_outer_grad_autograd(meta_params, batch, i) for i in range(len(batch))]
+            results = [one_episode(i) for i in range(len(batch))]
         grads = {name: torch.stack([g[name] for g, _ in results]) for name in meta_params}
         return OuterGrads(grads, torch.stack([loss for _, loss in results]))
+
+    def _batched_outer_grads(self, meta_params: Params, batch: EpisodeBatch) -> OuterGrads:
+        # One leaf copy of the meta-parameters per episode: the gradient of the summed loss with
+        # respect to copy e is episode e's outer-loop gradient.
+        leaves = {
+            n: p.detach().unsqueeze(0).expand(len(batch), *p.shape).clone().requires_grad_()
+            for n, p in meta_params.items()
+        }
+        return OuterGrads(*self._outer_grads(leaves, batch, batched=True))
 
     def predict_query(self, meta_params: Params, batch: EpisodeBatch, steps: int | None = None) -> Tensor:
         """Few-shot evaluation: adapt on each episode's support set, return query class probabilities
@@ -238,3 +245,53 @@ class MetaLearner:
             with torch.no_grad():
                 probs.append(adapted(batch.query_x[i]).softmax(-1))
         return torch.stack(probs)
+
+
+def _summed_episode_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean cross-entropy per episode, summed over episodes (``[..., S, N]`` logits, ``[..., S]`` labels)."""
+    return F.cross_entropy(logits.flatten(0, -2), labels.flatten(), reduction="sum") / labels.shape[-1]
+
+
+class GraphedOuterGrads:
+    """Replays a CUDA graph of the batched meta-gradient step, one graph per shape.
+
+    At a meta-batch of 16 small episodes the GPU waits on kernel launches (thousands per step);
+    a graph launches them all at once.
+    """
+
+    def __init__(self, step: Callable[[Params, EpisodeBatch], OuterGrads]) -> None:
+        self.step = step
+        self.graphs: dict[tuple, tuple[Params, EpisodeBatch, torch.cuda.CUDAGraph, OuterGrads]] = {}
+
+    def __call__(self, meta_params: Params, batch: EpisodeBatch) -> OuterGrads:
+        key = (
+            tuple((n, tuple(p.shape), p.dtype) for n, p in meta_params.items()),
+            tuple((tuple(t.shape), t.dtype) for t in _tensors(batch)),
+        )
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(meta_params, batch)
+        static_params, static_batch, graph, static_out = self.graphs[key]
+        for name, p in meta_params.items():
+            static_params[name].copy_(p)
+        for static, fresh in zip(_tensors(static_batch), _tensors(batch), strict=True):
+            static.copy_(fresh)
+        graph.replay()
+        return OuterGrads({n: g.clone() for n, g in static_out.grads.items()}, static_out.query_losses.clone())
+
+    def _capture(self, meta_params: Params, batch: EpisodeBatch) -> tuple:
+        static_params = {n: p.detach().clone() for n, p in meta_params.items()}
+        static_batch = EpisodeBatch(*(t.clone() for t in _tensors(batch)))
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                self.step(static_params, static_batch)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = self.step(static_params, static_batch)
+        return static_params, static_batch, graph, static_out
+
+
+def _tensors(batch: EpisodeBatch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return batch.support_x, batch.support_y, batch.query_x, batch.query_y

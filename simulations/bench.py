@@ -10,6 +10,7 @@ from typing import Any
 # benchmark -> module exposing add_arguments(parser) and run(args) -> dict
 BENCHMARKS: dict[str, str] = {
     "maml": "simulations.bench_maml",
+    "ingest": "simulations.bench_ingest",
 }
 
 

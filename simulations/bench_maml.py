@@ -37,6 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--width", type=int, default=32)
     parser.add_argument("--order", default="second", choices=["second", "first"])
     parser.add_argument("--steps", type=int, default=3, help="timed meta-steps per measurement (median taken)")
+    parser.add_argument("--no-cuda-graphs", action="store_true", help="launch kernels one by one on the GPU")
     parser.add_argument("--paths", default="loop,batched", help="comma-separated execution paths to time")
 
 
@@ -76,7 +77,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model_cfg = ModelConfig(
         arch=args.arch, in_channels=args.channels, image_size=args.image_size, width=args.width, n_way=args.n_way
     )
-    learner = MetaLearner(build_model(model_cfg).to(device), MamlConfig(inner_steps=args.inner_steps, order=args.order))
+    learner = MetaLearner(
+        build_model(model_cfg).to(device),
+        MamlConfig(inner_steps=args.inner_steps, order=args.order, cuda_graphs=not args.no_cuda_graphs),
+    )
     params = learner.init_meta_params()
     e, n, k, q, s, c = args.meta_batch, args.n_way, args.k_shot, args.q_query, args.image_size, args.channels
     batch = EpisodeBatch(
@@ -119,6 +123,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "channels": c,
             "model": f"{args.arch}-{args.width}",
             "order": args.order,
+            "cuda_graphs": not args.no_cuda_graphs and device.type == "cuda",
         },
         "chosen_path": chosen,
         "tasks_per_s": {p: {k: round(v, 2) for k, v in d.items()} for p, d in tasks_per_s.items()},

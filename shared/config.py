@@ -20,6 +20,7 @@ ExecutionPath = Literal["auto", "loop", "batched"]
 Accountant = Literal["rdp", "prv"]
 Aggregation = Literal["episodes", "uniform"]
 ServerOptimizer = Literal["adam", "sgd"]
+LrSchedule = Literal["constant", "cosine"]
 
 
 class ConfigError(UserError, ValueError):
@@ -63,12 +64,17 @@ class MamlConfig:
 @dataclass(frozen=True)
 class EpisodeConfig:
     k_shot: int = 5
-    q_query: int = 15
+    q_query: int = 10
     meta_batch: int = 16
+    eval_episodes: int = 20
+    eval_steps: int = 10
 
     def __post_init__(self) -> None:
-        if self.k_shot < 1 or self.q_query < 1 or self.meta_batch < 1:
-            raise ConfigError("episode.k-shot, episode.q-query and episode.meta-batch must be >= 1")
+        if min(self.k_shot, self.q_query, self.meta_batch, self.eval_episodes) < 1 or self.eval_steps < 0:
+            raise ConfigError(
+                "episode.k-shot, episode.q-query, episode.meta-batch and episode.eval-episodes must be >= 1, "
+                "episode.eval-steps >= 0"
+            )
 
 
 @dataclass(frozen=True)
@@ -79,9 +85,17 @@ class PrivacyConfig:
     target_epsilon: float = 8.0
     delta: float = 1e-5
     accountant: Accountant = "rdp"
-    groups_per_step: int = 8
+    # Records are hashed into a fixed number of episode groups; each meta-step Poisson-samples
+    # groups at rate groups_per_step / episode_groups.
+    episode_groups: int = 16
+    groups_per_step: int = 4
 
     def __post_init__(self) -> None:
+        if not 1 <= self.groups_per_step <= self.episode_groups:
+            raise ConfigError(
+                f"privacy.groups-per-step={self.groups_per_step} must be between 1 and "
+                f"privacy.episode-groups={self.episode_groups}"
+            )
         if self.max_grad_norm <= 0:
             raise ConfigError(f"privacy.max-grad-norm={self.max_grad_norm}: must be > 0")
         if not 0 < self.delta < 1:
@@ -89,23 +103,55 @@ class PrivacyConfig:
         if self.noise_multiplier < 0 or self.target_epsilon <= 0:
             raise ConfigError("privacy.noise-multiplier must be >= 0 and privacy.target-epsilon > 0")
 
+    @property
+    def sample_rate(self) -> float:
+        return self.groups_per_step / self.episode_groups
+
 
 @dataclass(frozen=True)
 class ServerConfig:
     rounds: int = 3
     fraction_train: float = 1.0
     min_train_nodes: int = 2
+    # Training hospitals asked for few-shot metrics on their own held-out split after each round.
+    fraction_evaluate: float = 0.0
     local_steps: int = 1
     meta_lr: float = 1e-3
     optimizer: ServerOptimizer = "adam"
+    lr_schedule: LrSchedule = "constant"
     aggregation: Aggregation = "episodes"
     max_update_norm: float = 1e3
     round_timeout_s: float = 600.0
+    # How long a round waits for min-train-nodes hospitals to connect before it goes on without an update.
+    wait_for_nodes_s: float = 300.0
+    out_dir: str = "runs/default"
+    # Site-level DP: clip each hospital's gradient to site-clip, add noise to the sum in the strategy.
+    site_dp: bool = False
+    site_clip: float = 1.0
+    site_noise_multiplier: float = 1.0
+    site_delta: float = 1e-3
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1 or self.local_steps < 1 or self.min_train_nodes < 1:
+            raise ConfigError("server.rounds, server.local-steps and server.min-train-nodes must be >= 1")
+        if not 0 < self.fraction_train <= 1 or not 0 <= self.fraction_evaluate <= 1:
+            raise ConfigError("server.fraction-train must be in (0, 1] and server.fraction-evaluate in [0, 1]")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    # Folder holding hospital-000, hospital-001, ...; empty means the synthetic federation under
+    # .fedmeta/federations/synthetic-seed<seed>, written lazily, one hospital on first use.
+    federation_dir: str = ""
+    synthetic: bool = True
+    # Hospitals after the training ones, never sampled for training: few-shot evaluation only.
+    heldout_hospitals: int = 2
 
 
 @dataclass(frozen=True)
 class FedMetaConfig:
     seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     maml: MamlConfig = field(default_factory=MamlConfig)
     episode: EpisodeConfig = field(default_factory=EpisodeConfig)

@@ -182,7 +182,7 @@ class MetaLearner:
         return dict(zip(fast, values, strict=True))
 
     @staticmethod
-    def _no_graph_inner_grads(loss: Callable[[Params], Tensor], fast: Params) -> Params:
+    def detached_inner_grads(loss: Callable[[Params], Tensor], fast: Params) -> Params:
         leaves = {n: p.detach().requires_grad_() for n, p in fast.items()}
         return dict(zip(fast, torch.autograd.grad(loss(leaves), list(leaves.values())), strict=True))
 
@@ -240,7 +240,7 @@ class MetaLearner:
         for i in range(len(batch)):
             with torch.enable_grad():
                 adapted = self.adapt(
-                    meta_params, batch.support_x[i], batch.support_y[i], self._no_graph_inner_grads, steps
+                    meta_params, batch.support_x[i], batch.support_y[i], self.detached_inner_grads, steps
                 )
             with torch.no_grad():
                 probs.append(adapted(batch.query_x[i]).softmax(-1))

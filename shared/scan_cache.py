@@ -22,20 +22,19 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
-import secrets
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
+
+from shared.atomic import TEMP_PREFIX, atomic_write
 
 logger = logging.getLogger(__name__)
 
 INDEX_FORMAT = 1
-_TEMP_PREFIX = ".tmp-"
 _STALE_TEMP_SECONDS = 3600
 JOURNAL_FLUSH_SECONDS = 10.0  # a killed first ingest loses at most this much decoding work
 
@@ -192,7 +191,7 @@ class ScanCache:
         for folder in (self.journal, self.root):
             for path in folder.iterdir():
                 with contextlib.suppress(FileNotFoundError):
-                    if path.name.startswith(_TEMP_PREFIX):
+                    if path.name.startswith(TEMP_PREFIX):
                         if path.stat().st_mtime < stale:
                             path.unlink()
                     elif folder == self.journal:
@@ -236,16 +235,3 @@ def _load_array(path: Path, image_shape: tuple[int, int, int]) -> np.ndarray | N
 
 def _digest(contents: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(contents, sort_keys=True).encode()).hexdigest()[:32]
-
-
-def atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
-    """Write through a temporary file in the same folder, fsync, rename: readers see the old or the new file."""
-    temp = path.with_name(_TEMP_PREFIX + secrets.token_hex(8))
-    try:
-        with open(temp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)

@@ -1,0 +1,114 @@
+"""Few-shot evaluation: label K scans per class, adapt, predict the hospital's held-out scans.
+
+An evaluation task draws N classes, K labelled support scans per class from the hospital's train
+split, and queries *all* its test-split scans of those classes (the hospital's own prevalence).
+Classes keep their order (episode label = rank of the class), so for a binary hospital the
+positive class is its second label name and sensitivity/specificity mean what they say.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from shared.episodes import EpisodeError
+from shared.maml import MetaLearner, Params
+
+
+@dataclass(frozen=True)
+class FewShotTask:
+    classes: np.ndarray  # pool labels, ascending; episode label i <-> classes[i]
+    support: np.ndarray  # indices into the train pool
+    support_y: np.ndarray
+    query: np.ndarray  # indices into the test pool
+    query_y: np.ndarray
+
+
+def few_shot_tasks(
+    train_labels: np.ndarray, test_labels: np.ndarray, n_way: int, k_shot: int, tasks: int, seed: int
+) -> list[FewShotTask]:
+    rng = np.random.default_rng(seed)
+    train_labels, test_labels = np.asarray(train_labels), np.asarray(test_labels)
+    eligible = [c for c in np.unique(train_labels) if (train_labels == c).sum() >= k_shot and (test_labels == c).any()]
+    if len(eligible) < n_way:
+        raise EpisodeError(
+            f"few-shot evaluation needs {n_way} classes with {k_shot} labelled train scans and at least one test "
+            f"scan each; this hospital has {len(eligible)}. Label more scans or lower episode.k-shot"
+        )
+    out = []
+    for _ in range(tasks):
+        classes = np.sort(rng.choice(eligible, size=n_way, replace=False))
+        support = np.concatenate(
+            [rng.choice(np.flatnonzero(train_labels == c), size=k_shot, replace=False) for c in classes]
+        )
+        query = np.flatnonzero(np.isin(test_labels, classes))
+        rank = {int(c): i for i, c in enumerate(classes)}
+        out.append(
+            FewShotTask(
+                classes=classes,
+                support=support,
+                support_y=np.repeat(np.arange(n_way), k_shot),
+                query=query,
+                query_y=np.array([rank[int(c)] for c in test_labels[query]]),
+            )
+        )
+    return out
+
+
+def adapt_and_predict(
+    learner: MetaLearner,
+    params: Params,
+    task: FewShotTask,
+    train_images: torch.Tensor,
+    test_images: torch.Tensor,
+    steps: int,
+) -> np.ndarray:
+    """Query class probabilities ``[Q, N]`` after ``steps`` inner-loop steps on the task's support set."""
+    sx, sy = train_images[task.support], torch.from_numpy(task.support_y)
+    with torch.enable_grad():
+        adapted = learner.adapt(params, sx, sy, learner.detached_inner_grads, steps)
+    with torch.no_grad():
+        return adapted(test_images[task.query]).softmax(-1).cpu().numpy()
+
+
+def train_from_scratch(
+    learner: MetaLearner, init: Params, task: FewShotTask, train_images: torch.Tensor, steps: int, lr: float = 1e-2
+) -> Params:
+    """The baseline a hospital has without fedmeta: a fresh model trained on the same shots with Adam."""
+    params = {n: p.detach().clone().requires_grad_() for n, p in init.items()}
+    optimizer = torch.optim.Adam(list(params.values()), lr=lr)
+    sx, sy = train_images[task.support], torch.from_numpy(task.support_y)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        F.cross_entropy(learner.logits(params, sx), sy).backward()
+        optimizer.step()
+    return {n: p.detach() for n, p in params.items()}
+
+
+def classification_metrics(y_true: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+    """Accuracy, balanced accuracy and, for two classes, AUC, sensitivity and specificity."""
+    y_true = np.asarray(y_true)
+    predicted = probs.argmax(-1)
+    classes = np.unique(y_true)
+    recalls = [float((predicted[y_true == c] == c).mean()) for c in classes]
+    metrics = {
+        "accuracy": float((predicted == y_true).mean()),
+        "balanced-accuracy": float(np.mean(recalls)),
+        "queries": float(len(y_true)),
+    }
+    if probs.shape[-1] == 2 and len(classes) == 2:
+        metrics["auc"] = auc(y_true, probs[:, 1])
+        metrics["sensitivity"] = float((predicted[y_true == 1] == 1).mean())
+        metrics["specificity"] = float((predicted[y_true == 0] == 0).mean())
+    return metrics
+
+
+def auc(y_true: np.ndarray, score: np.ndarray) -> float:
+    """Area under the ROC curve as the Mann-Whitney statistic (ties count one half)."""
+    positive, negative = score[y_true == 1], score[y_true == 0]
+    greater = (positive[:, None] > negative[None, :]).sum()
+    ties = (positive[:, None] == negative[None, :]).sum()
+    return float((greater + 0.5 * ties) / (len(positive) * len(negative)))

@@ -1,0 +1,205 @@
+"""Run outputs from metrics.jsonl: plots, model card, terminal summary."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import matplotlib.image
+import pytest
+
+from server.report import read_metrics, summary_table, write_model_card, write_plots, write_report
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+TRAINING = ["node-1234", "node-5678", "node-8812"]
+HELDOUT = ["hospital-000", "hospital-001"]
+
+
+def round_record(r: int) -> dict:
+    """A full record as the strategy writes it: accuracy rises, loss falls, epsilon accumulates."""
+    sampled = TRAINING[: 2 + r % 2]
+    return {
+        "round": r,
+        "seconds": 10.0 + r,
+        "sampled": len(sampled) + 1,
+        "participants": len(sampled),
+        "rejected": [{"hospital": "node-9999", "reason": "outer-grad 'head.weight' has non-finite values"}],
+        "refused": [],
+        "train": {"query-loss": 0.7 - 0.05 * r, "episodes": 64.0, "update-norm": 0.1},
+        "hospitals": {
+            h: {"balanced-accuracy": 0.5 + 0.04 * r + 0.02 * i, "queries": 120.0} for i, h in enumerate(sampled)
+        },
+        "worst_hospital": {"hospital": sampled[0], "balanced-accuracy": 0.5 + 0.04 * r},
+        "heldout": {
+            h: {"accuracy": 0.55 + 0.03 * r, "balanced-accuracy": 0.5 + 0.03 * r - 0.05 * i, "auc": 0.6}
+            for i, h in enumerate(HELDOUT)
+        },
+        "heldout_mean": {"accuracy": 0.55 + 0.03 * r, "balanced-accuracy": 0.475 + 0.03 * r, "auc": 0.6},
+        "heldout_worst": {"hospital": HELDOUT[1], "balanced-accuracy": 0.45 + 0.03 * r},
+        "epsilon": {h: 1.5 * r + i for i, h in enumerate(sampled)},
+        "epsilon_max": 1.5 * r + len(sampled) - 1,
+        "site_epsilon": 0.5 * r,
+        "bytes_up": 123456,
+        "bytes_down": 123456,
+    }
+
+
+def write_lines(run_dir: Path, lines: list[str], tail: str = "") -> None:
+    (run_dir / "metrics.jsonl").write_text("".join(line + "\n" for line in lines) + tail)
+
+
+def write_rounds(run_dir: Path, records: list[dict], tail: str = "") -> None:
+    write_lines(run_dir, [json.dumps(r) for r in records], tail)
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Path:
+    write_rounds(tmp_path, [round_record(r) for r in range(1, 6)])
+    return tmp_path
+
+
+def round_rows(table: str) -> list[str]:
+    """The per-round rows: between the header's dashed rule and the first blank line."""
+    lines = table.splitlines()
+    return lines[2 : lines.index("")]
+
+
+def test_plots_are_real_pngs_of_the_figure_size(run_dir: Path) -> None:
+    written = write_plots(run_dir)
+    assert [p.name for p in written] == ["few-shot.png", "train-loss.png", "epsilon.png"]
+    for path in written:
+        assert path.read_bytes().startswith(PNG_SIGNATURE)
+        height, width, channels = matplotlib.image.imread(path).shape
+        assert (height, width, channels) == (450, 700, 4)
+    assert sorted(p.name for p in run_dir.iterdir()) == sorted(["metrics.jsonl", *(p.name for p in written)])
+
+
+def test_plot_without_data_is_skipped(tmp_path: Path) -> None:
+    write_rounds(tmp_path, [{"round": 1, "train": {"query-loss": 0.7}}, {"round": 2}])
+    assert [p.name for p in write_plots(tmp_path)] == ["train-loss.png"]
+    assert not (tmp_path / "few-shot.png").exists()
+
+
+def test_torn_last_line_is_ignored(run_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    write_rounds(run_dir, [round_record(r) for r in range(1, 6)], tail='{"round": 6, "seconds": 1')
+    with caplog.at_level(logging.WARNING):
+        records = read_metrics(run_dir)
+    assert [r["round"] for r in records] == [1, 2, 3, 4, 5]
+    assert not caplog.records
+    assert len(round_rows(summary_table(run_dir))) == 5
+
+
+def test_rerun_round_keeps_last_record_and_garbled_middle_line_is_skipped_with_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # a writer killed mid-line, then resumed from the round-1 checkpoint: round 2 is written again
+    lines = [json.dumps({"round": 1}), json.dumps({"round": 2, "seconds": 1.0}), '{"round": 3, "sec']
+    write_lines(tmp_path, [*lines, json.dumps({"round": 2, "seconds": 2.0}), json.dumps({"round": 3})])
+    with caplog.at_level(logging.WARNING):
+        records = read_metrics(tmp_path)
+    assert records == [{"round": 1}, {"round": 2, "seconds": 2.0}, {"round": 3}]
+    assert "line 3" in caplog.text
+
+
+def test_missing_and_malformed_keys_do_not_crash(tmp_path: Path) -> None:
+    write_rounds(
+        tmp_path,
+        [
+            {"round": 1},
+            {"round": 2, "hospitals": None, "epsilon": "n/a", "rejected": None, "heldout": {"hospital-000": None}},
+            {
+                "round": 3,
+                "train": {"query-loss": None},
+                "heldout_mean": {"balanced-accuracy": "high"},
+                "epsilon_max": True,
+            },
+            {"round": 4, "hospitals": {"node-1": {"balanced-accuracy": 0.6}, "node-2": "late"}},
+        ],
+    )
+    table = write_report(tmp_path, {}, {})
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "MODEL_CARD.md",
+        "few-shot.png",
+        "metrics.jsonl",
+        "model-card.json",
+    ]
+    assert [row.split()[1:] for row in round_rows(table)] == [["-"] * 7] * 4
+    assert "round 4: no held-out hospitals evaluated" in table
+    card = json.loads((tmp_path / "model-card.json").read_text())
+    assert card["final_metrics"] == {"balanced-accuracy": 0.6}
+    assert card["privacy"]["epsilon"] == {"per_hospital": {}, "max": None, "site_level": None}
+
+
+def test_run_without_metrics_still_gets_a_model_card(tmp_path: Path) -> None:
+    assert "no completed rounds" in write_report(tmp_path, {"maml.inner-steps": 5}, {"hospitals": 3})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["MODEL_CARD.md", "model-card.json"]
+
+
+def test_model_card_has_epsilon_per_hospital_and_nothing_beyond_what_it_is_given(run_dir: Path) -> None:
+    with (run_dir / "metrics.jsonl").open("a") as f:  # anything else in the metrics stays out of the card
+        f.write(json.dumps({**round_record(6), "patient": "DOE^JANE"}) + "\n")
+    config = {"model.arch": "conv4", "maml.inner-steps": 5, "maml.inner-lr": 0.01, "privacy.target-epsilon": 8.0}
+    unit = "Privacy unit: one patient's scans at one hospital (example-level DP, per hospital)."
+    data_summary = {"training-hospitals": 3, "heldout-hospitals": 2, "scans": {"train": 900, "test": 300}}
+    final = {"balanced-accuracy": 0.655, "auc": 0.6}
+
+    path = write_model_card(run_dir, config, {**data_summary, "privacy_unit": unit}, final)
+
+    card = json.loads((run_dir / "model-card.json").read_text())
+    assert card == {
+        "weights": ["meta-model.safetensors"],
+        "rounds": 6,
+        "config": config,
+        "data": data_summary,
+        "privacy": {
+            "unit": unit,
+            # the largest cumulative epsilon each hospital reported over the run, not only in the last round
+            "epsilon": {
+                "per_hospital": {"node-1234": 9.0, "node-5678": 10.0, "node-8812": 9.5},
+                "max": 10.0,
+                "site_level": 3.0,
+            },
+        },
+        "final_metrics": final,
+    }
+    markdown = path.read_text()
+    assert path.name == "MODEL_CARD.md"
+    for line in [
+        "| node-1234 | 9 |",
+        "| node-5678 | 10 |",
+        "| node-8812 | 9.5 |",
+        "- max epsilon over hospitals: 10",
+        unit,
+        "- `meta-model.safetensors`",
+        "| `maml.inner-lr` | 0.01 |",
+        "- training-hospitals: 3",
+        "  - train: 900",
+        "- balanced-accuracy: 0.655",
+    ]:
+        assert line in markdown.splitlines()
+    assert "DOE^JANE" not in markdown + json.dumps(card)
+    assert "reason" not in markdown
+
+
+def test_summary_table_has_one_fixed_width_row_per_round_and_last_heldout_block(run_dir: Path) -> None:
+    table = summary_table(run_dir)
+    lines = table.splitlines()
+    rows = round_rows(table)
+    assert lines[0].split()[:3] == ["round", "participants", "rejected"]
+    assert [row.split()[0] for row in rows] == ["1", "2", "3", "4", "5"]
+    assert len({len(line) for line in [*lines[:2], *rows]}) == 1
+    assert rows[-1].split() == ["5", "3", "1", "0.4500", "0.625", "0.600", "9.50", "15.0"]
+    block = lines[len(rows) + 3 :]
+    assert block[0] == "held-out hospitals, round 5:"
+    assert block[1].split() == ["hospital", "accuracy", "balanced-accuracy", "auc"]
+    assert [line.split() for line in block[3:]] == [
+        ["hospital-000", "0.700", "0.650", "0.600"],
+        ["hospital-001", "0.700", "0.600", "0.600"],
+    ]
+
+
+def test_report_final_metrics_are_heldout_mean_of_last_round(run_dir: Path) -> None:
+    write_report(run_dir, {}, {})
+    card = json.loads((run_dir / "model-card.json").read_text())
+    assert card["final_metrics"] == round_record(5)["heldout_mean"]

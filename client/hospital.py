@@ -80,12 +80,36 @@ def group_episode(
     )
 
 
+def sampled_group_episodes(
+    groups: np.ndarray,
+    labels: np.ndarray,
+    privacy: PrivacyConfig,
+    n_way: int,
+    k_shot: int,
+    q_query: int,
+    step_seed: int,
+) -> list[EpisodeIndices]:
+    """Poisson-sample episode groups and build one episode from each sampled group.
+
+    Each group draws from its own random stream, so changing one record changes at most the
+    episode of that record's group (the coupling the 2C sensitivity bound rests on).
+    """
+    sampled = np.flatnonzero(np.random.default_rng([step_seed, 0]).random(privacy.episode_groups) < privacy.sample_rate)
+    episodes = []
+    for g in sampled:
+        group_rng = np.random.default_rng([step_seed, 1, int(g)])
+        episode = group_episode(np.flatnonzero(groups == g), labels, n_way, k_shot, q_query, group_rng)
+        if episode is not None:
+            episodes.append(episode)
+    return episodes
+
+
 class Hospital:
     def __init__(self, folder: Path, cfg: FedMetaConfig, device: torch.device | None = None) -> None:
         self.folder = Path(folder)
         self.cfg = cfg
         self.device = device or torch.device("cpu")
-        self.state_dir = self.folder / ".fedmeta"
+        self.state_dir = Path(cfg.data.state_dir) / self.folder.name if cfg.data.state_dir else self.folder / ".fedmeta"
         self.learner = MetaLearner(build_model(cfg.model).to(self.device), cfg.maml)
 
     @cached_property
@@ -172,18 +196,10 @@ class Hospital:
         rng: np.random.Generator,
     ) -> OuterGrads:
         """One clipped-to-be gradient per Poisson-sampled group that can form an episode."""
-        sampled = np.flatnonzero(rng.random(privacy.episode_groups) < privacy.sample_rate)
         episode = self.cfg.episode
-        episodes = [
-            e
-            for g in sampled
-            if (
-                e := group_episode(
-                    np.flatnonzero(groups == g), labels, self.cfg.model.n_way, episode.k_shot, episode.q_query, rng
-                )
-            )
-            is not None
-        ]
+        episodes = sampled_group_episodes(
+            groups, labels, privacy, self.cfg.model.n_way, episode.k_shot, episode.q_query, int(rng.integers(2**63))
+        )
         if not episodes:  # an empty step: zero rows clip to zero and add nothing to the sum
             zeros = {n: torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device) for n, p in meta_params.items()}
             return OuterGrads(zeros, torch.zeros(0, device=self.device))

@@ -49,9 +49,10 @@ def initial_state(cfg: FedMetaConfig) -> ServerState:
 
 
 def resume_state(cfg: FedMetaConfig, run_dir: Path) -> ServerState:
+    fresh = initial_state(cfg)
     state = load_latest(run_dir)
     if state is None:
-        return initial_state(cfg)
+        return fresh
     changed = sorted(
         k for k, v in cfg.to_flat().items() if k.startswith(("model.", "maml.")) and state.config.get(k) != v
     )
@@ -60,6 +61,10 @@ def resume_state(cfg: FedMetaConfig, run_dir: Path) -> ServerState:
             f"{run_dir} holds a run with other model settings ({', '.join(changed)}); "
             "use a new server.out-dir or the run's original settings"
         )
+    if set(state.meta_params) != set(fresh.meta_params):
+        raise UserError(f"{run_dir} holds meta-parameters of another model; use a new server.out-dir")
+    # safetensors stores names sorted; the optimizer's state follows the model's parameter order
+    state.meta_params = {name: state.meta_params[name] for name in fresh.meta_params}
     log.info("resuming %s after round %d", run_dir, state.round)
     return state
 

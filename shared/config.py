@@ -146,6 +146,9 @@ class DataConfig:
     synthetic: bool = True
     # Hospitals after the training ones, never sampled for training: few-shot evaluation only.
     heldout_hospitals: int = 2
+    # Where each hospital keeps its privacy ledger (STATE_DIR/<hospital folder name>); empty means
+    # HOSPITAL/.fedmeta. Simulations keep it in the run folder so each run has its own budgets.
+    state_dir: str = ""
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ positive class is its second label name and sensitivity/specificity mean what th
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -78,9 +79,13 @@ def train_from_scratch(
     learner: MetaLearner, init: Params, task: FewShotTask, train_images: torch.Tensor, steps: int, lr: float = 1e-2
 ) -> Params:
     """The baseline a hospital has without fedmeta: a fresh model trained on the same shots with Adam."""
+    return fine_tune(learner, init, train_images[task.support], torch.from_numpy(task.support_y), steps, lr)
+
+
+def fine_tune(learner: MetaLearner, init: Params, sx: torch.Tensor, sy: torch.Tensor, steps: int, lr: float) -> Params:
+    """Full-batch Adam on every parameter in ``init``, starting from ``init``."""
     params = {n: p.detach().clone().requires_grad_() for n, p in init.items()}
     optimizer = torch.optim.Adam(list(params.values()), lr=lr)
-    sx, sy = train_images[task.support], torch.from_numpy(task.support_y)
     for _ in range(steps):
         optimizer.zero_grad()
         F.cross_entropy(learner.logits(params, sx), sy).backward()
@@ -112,3 +117,47 @@ def auc(y_true: np.ndarray, score: np.ndarray) -> float:
     greater = (positive[:, None] > negative[None, :]).sum()
     ties = (positive[:, None] == negative[None, :]).sum()
     return float((greater + 0.5 * ties) / (len(positive) * len(negative)))
+
+
+BOOTSTRAP_RESAMPLES = 1000
+Interval = dict[str, Any]  # {"value": point estimate, "ci95": [low, high]}
+
+
+def paired_bootstrap(
+    y_true: np.ndarray,
+    probs_a: np.ndarray,
+    probs_b: np.ndarray,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = 0,
+) -> tuple[dict[str, Interval], dict[str, Interval], dict[str, Interval]]:
+    """:func:`classification_metrics` of two models on the same scans and of their difference (a - b), each
+    with a 95% percentile interval over the same bootstrap resamples of the scans.
+
+    Resampling is stratified by true class (class counts stay fixed), so every resample has every class and
+    balanced accuracy, AUC, sensitivity and specificity are defined in all of them.
+    """
+    y_true = np.asarray(y_true)
+    rng = np.random.default_rng(seed)
+    by_class = [np.flatnonzero(y_true == c) for c in np.unique(y_true)]
+    point_a, point_b = classification_metrics(y_true, probs_a), classification_metrics(y_true, probs_b)
+    names = [name for name in point_a if name != "queries"]
+    samples = np.empty((resamples, 2, len(names)))
+    for r in range(resamples):
+        index = np.concatenate([rng.choice(members, size=len(members)) for members in by_class])
+        for m, probs in enumerate((probs_a, probs_b)):
+            metrics = classification_metrics(y_true[index], probs[index])
+            samples[r, m] = [metrics[name] for name in names]
+
+    def intervals(point: dict[str, float], draws: np.ndarray) -> dict[str, Interval]:
+        low, high = np.percentile(draws, [2.5, 97.5], axis=0)
+        return {
+            name: {"value": point[name], "ci95": [float(lo), float(hi)]}
+            for name, lo, hi in zip(names, low, high, strict=True)
+        }
+
+    difference = {name: point_a[name] - point_b[name] for name in names}
+    return (
+        intervals(point_a, samples[:, 0]),
+        intervals(point_b, samples[:, 1]),
+        intervals(difference, samples[:, 0] - samples[:, 1]),
+    )

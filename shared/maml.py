@@ -151,8 +151,24 @@ class MetaLearner:
 
         ``batched``: every tensor has a leading episode dimension and the forward pass is
         ``vmap``-ed over it; the summed loss then has each episode's gradient in its own slice.
-        With ANIL only the head adapts, so the backbone's features are computed once.
         """
+        adapted = self.adapted_params(meta_params, support_x, support_y, inner_grads, steps, batched)
+        features = vmap(self.features) if batched else self.features
+        head = vmap(self._head_logits) if batched else self._head_logits
+        backbone = meta_params if self.cfg.anil else adapted
+        return lambda x: head(adapted, features(backbone, x))
+
+    def adapted_params(
+        self,
+        meta_params: Params,
+        support_x: Tensor,
+        support_y: Tensor,
+        inner_grads: InnerGrads,
+        steps: int | None = None,
+        batched: bool = False,
+    ) -> Params:
+        """The inner loop's result: the parameters in ``adapted_names`` after ``steps`` steps (the others
+        stay at ``meta_params``). With ANIL only the head adapts, so the backbone's features are computed once."""
         steps = self.cfg.inner_steps if steps is None else steps
         features = vmap(self.features) if batched else self.features
         head = vmap(self._head_logits) if batched else self._head_logits
@@ -170,9 +186,7 @@ class MetaLearner:
         for _ in range(steps):
             grads = inner_grads(support_loss, adapted)
             adapted = {n: p - self._inner_lr(meta_params, n) * grads[n] for n, p in adapted.items()}
-        if self.cfg.anil:
-            return lambda x: head(adapted, features(meta_params, x))
-        return lambda x: head(adapted, features(adapted, x))
+        return adapted
 
     def _inner_lr(self, meta_params: Params, name: str) -> Tensor | float:
         return meta_params[INNER_LR_PREFIX + name] if self.cfg.meta_sgd else self.cfg.inner_lr

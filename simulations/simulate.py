@@ -1,0 +1,203 @@
+"""``fedmeta simulate``: many virtual hospitals on Flower's simulation engine, on this machine.
+
+The run goes through ``flwr run`` against a simulation SuperLink this command starts and stops,
+so it exercises exactly the app a real federation runs. Hospitals are written lazily, on first
+use, from their index (synthetic by default, or taken from ``--data``); each run keeps its
+hospitals' privacy ledgers in its own folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+from tqdm import tqdm
+
+from server.report import read_metrics
+from shared.config import FedMetaConfig
+from shared.errors import UserError
+from simulations.launcher import flwr_run, simulation_superlink
+
+METHODS: dict[str, dict[str, Any]] = {
+    "fedmeta": {"maml.order": "second", "maml.anil": False, "maml.meta-sgd": False},
+    "fedmeta-first-order": {"maml.order": "first", "maml.anil": False, "maml.meta-sgd": False},
+    "anil": {"maml.order": "second", "maml.anil": True, "maml.meta-sgd": False},
+    "meta-sgd": {"maml.order": "second", "maml.anil": False, "maml.meta-sgd": True},
+}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("simulate", help="a federated run with many virtual hospitals on this machine")
+    parser.add_argument("--hospitals", type=int, default=10, help="virtual training hospitals")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--clients-per-round", type=int, default=0, help="hospitals sampled per round (0: all)")
+    parser.add_argument("--data", type=Path, help="federation folder of hospital-NNN folders (default: synthetic)")
+    parser.add_argument("--method", choices=sorted(METHODS), default="fedmeta")
+    parser.add_argument("--no-dp", action="store_true", help="non-private baseline: no clipping, no noise")
+    parser.add_argument("--out", type=Path, default=Path("runs/simulation"), help="run folder (reused: resume)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--set", nargs="*", default=[], metavar="KEY=VALUE", help="any run setting, e.g. maml.inner-lr=0.05"
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    parser.set_defaults(handler=run)
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise UserError(f"--set {pair!r}: write KEY=VALUE, e.g. maml.inner-lr=0.05")
+        overrides[key] = value
+    return overrides
+
+
+def simulation_config(args: argparse.Namespace) -> FedMetaConfig:
+    run_dir = args.out.expanduser().resolve()
+    if args.hospitals < 1 or args.rounds < 1:
+        raise UserError("--hospitals and --rounds must be at least 1")
+    per_round = args.clients_per_round or args.hospitals
+    if not 1 <= per_round <= args.hospitals:
+        raise UserError(f"--clients-per-round {per_round} must be between 1 and --hospitals {args.hospitals}")
+    flat: dict[str, Any] = {
+        **FedMetaConfig().to_flat(),
+        **METHODS[args.method],
+        "seed": args.seed,
+        "data.federation-dir": str(args.data.expanduser().resolve() if args.data else run_dir / "federation"),
+        "data.synthetic": args.data is None,
+        "data.state-dir": str(run_dir / "hospital-state"),
+        "server.rounds": args.rounds,
+        "server.out-dir": str(run_dir),
+        "server.fraction-train": per_round / args.hospitals,
+        "server.min-train-nodes": min(2, per_round),
+        "privacy.enabled": not args.no_dp,
+    }
+    flat.update(parse_overrides(args.set))
+    return FedMetaConfig.from_flat(flat)
+
+
+def process_tree_rss(root: psutil.Process) -> int:
+    total = 0
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            continue
+    return total
+
+
+class PeakMemory(threading.Thread):
+    """Samples the RSS of this process and all its descendants (SuperLink, simulation, Ray)."""
+
+    def __init__(self, interval_s: float = 0.5) -> None:
+        super().__init__(daemon=True)
+        self.interval_s = interval_s
+        self.peak = 0
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        me = psutil.Process()
+        while not self.stop.is_set():
+            self.peak = max(self.peak, process_tree_rss(me))
+            self.stop.wait(self.interval_s)
+
+
+def run_simulation(cfg: FedMetaConfig, hospitals: int, quiet: bool = False) -> dict[str, Any]:
+    run_dir = Path(cfg.server.out_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log_path = run_dir / "flower.log"
+    memory = PeakMemory()
+    memory.start()
+    federation = {
+        "num-supernodes": hospitals,
+        "client-resources-num-cpus": 1,
+        "client-resources-num-gpus": 0.0,
+        "init-args-num-cpus": psutil.cpu_count() or 2,
+        "init-args-num-gpus": 0,
+    }
+    done_before = len(read_metrics(run_dir))
+    progress = tqdm(total=cfg.server.rounds, initial=done_before, desc="rounds", unit="round", disable=quiet)
+    try:
+        with simulation_superlink(run_dir) as (_, env):
+            flwr = flwr_run(cfg.to_flat(), federation, run_dir, env, log_path)
+            while flwr.poll() is None:
+                time.sleep(1.0)
+                progress.update(len(read_metrics(run_dir)) - progress.n)
+            progress.update(len(read_metrics(run_dir)) - progress.n)
+    finally:
+        progress.close()
+        memory.stop.set()
+        memory.join()
+    records = read_metrics(run_dir)
+    if len(records) < cfg.server.rounds or not (run_dir / "meta-model.safetensors").exists():
+        raise UserError(
+            f"the simulation stopped after {len(records)} of {cfg.server.rounds} rounds; see {log_path} "
+            "(rerun the same command to resume from the last complete round)"
+        )
+    comparison_path = run_dir / "heldout-comparison.json"
+    comparison = json.loads(comparison_path.read_text()) if comparison_path.exists() else {}
+    return {
+        "run_dir": str(run_dir),
+        "rounds_completed": len(records),
+        "hospitals": hospitals,
+        "clients_per_round": records[-1].get("sampled"),
+        "few_shot": few_shot_summary(comparison),
+        "heldout": comparison,
+        "epsilon_max": max((r.get("epsilon_max") or 0.0 for r in records), default=0.0),
+        "epsilon": records[-1].get("epsilon", {}),
+        "peak_rss_mb": round(memory.peak / 2**20, 1),
+        "round_seconds": [round(r.get("seconds", float("nan")), 2) for r in records],
+    }
+
+
+def few_shot_summary(comparison: dict[str, dict]) -> dict[str, dict[str, float]]:
+    """Mean over held-out hospitals of each method's few-shot metrics."""
+    summary: dict[str, dict[str, float]] = {}
+    for method in ("meta", "scratch"):
+        rows = [h[method] for h in comparison.values() if method in h]
+        keys = sorted({k for r in rows for k in r})
+        summary[method] = {k: sum(r[k] for r in rows if k in r) / max(1, sum(k in r for r in rows)) for k in keys}
+    return summary
+
+
+def results_table(result: dict[str, Any]) -> str:
+    lines = [
+        f"fedmeta simulation: {result['rounds_completed']} rounds, {result['hospitals']} hospitals, "
+        f"run folder {result['run_dir']}",
+        "",
+        "Few-shot on hospitals that never trained (balanced accuracy / AUC, same shots for both models):",
+        f"{'hospital':<14}{'meta-model':>14}{'from scratch':>16}{'gain (95% CI)':>22}",
+    ]
+    for name, h in result["heldout"].items():
+        meta, scratch = h["meta"], h["scratch"]
+        lines.append(
+            f"{name:<14}{_pair(meta):>14}{_pair(scratch):>16}"
+            f"{h['balanced-accuracy-gain']:>+13.3f} ± {h['gain-ci95']:.3f}"
+        )
+    lines += ["", "Privacy spent (epsilon per hospital, last report):"]
+    epsilon = result["epsilon"]
+    if not epsilon:
+        lines.append("  DP off" if result["epsilon_max"] == 0 else "  none reported")
+    for hospital, value in sorted(epsilon.items(), key=lambda kv: -kv[1]):
+        lines.append(f"  {hospital:<28}{value:8.3f}")
+    return "\n".join(lines)
+
+
+def _pair(metrics: dict[str, float]) -> str:
+    auc = metrics.get("auc")
+    return (
+        f"{metrics['balanced-accuracy']:.3f}/{auc:.3f}" if auc is not None else f"{metrics['balanced-accuracy']:.3f}/-"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = simulation_config(args)
+    result = run_simulation(cfg, args.hospitals, quiet=args.json)
+    print(json.dumps(result, indent=2) if args.json else results_table(result))
+    return 0

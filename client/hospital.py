@@ -22,7 +22,7 @@ from client.ledger import BudgetExhausted, PrivacyLedger
 from client.privacy import NoiseCalibration, PrivateRelease, calibrate_accountant_noise
 from shared.config import FedMetaConfig, PrivacyConfig
 from shared.dicom import PreprocessConfig
-from shared.episodes import EpisodeIndices, EpisodeSampler, stack_episodes
+from shared.episodes import EpisodeIndices, EpisodeSampler, fitting_query_count, stack_episodes
 from shared.evaluation import adapt_and_predict, classification_metrics, few_shot_tasks
 from shared.hospital import HospitalData, load_hospital
 from shared.maml import MetaLearner, OuterGrads, Params
@@ -150,11 +150,18 @@ class Hospital:
         if not privacy.enabled:
             site = int.from_bytes(hashlib.sha256(self.folder.name.encode()).digest()[:8], "big")
             rng = np.random.default_rng([self.cfg.seed, server_round, site])
+            queries = fitting_query_count(
+                train.labels, self.cfg.model.n_way, self.cfg.episode.k_shot, self.cfg.episode.q_query
+            )
+            if queries < self.cfg.episode.q_query:
+                log.info(
+                    "small classes: training with %d queries per class instead of %d", queries, self.cfg.episode.q_query
+                )
             sampler = EpisodeSampler(
                 train.labels,
                 self.cfg.model.n_way,
                 self.cfg.episode.k_shot,
-                self.cfg.episode.q_query,
+                queries,
                 seed=int(rng.integers(2**63)),
             )
             outers = [

@@ -14,6 +14,7 @@ from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from safetensors.torch import save
 
+from server.capture import ReplyCapture
 from server.checkpoint import ServerState, load_latest
 from server.report import read_metrics, write_report
 from server.strategy import MetaGradientStrategy
@@ -87,7 +88,8 @@ def run_federation(grid: Grid, cfg: FedMetaConfig) -> Path:
         from simulations.heldout import HeldoutHospitals
 
         heldout = HeldoutHospitals(cfg)
-    strategy = MetaGradientStrategy(cfg, run_dir, state, heldout)
+    strategy_class = ReplyCapture if cfg.server.capture_replies else MetaGradientStrategy
+    strategy = strategy_class(cfg, run_dir, state, heldout)
     remaining = cfg.server.rounds - state.round
     if remaining > 0:
         strategy.start(

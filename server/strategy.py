@@ -153,10 +153,14 @@ class MetaGradientStrategy(FedAvg):
         self.record["bytes_down"] = len(chosen) * sum(p.numel() * 4 for p in self.params.values())
         return self._sent
 
+    def evaluates(self, absolute_round: int) -> bool:
+        server = self.cfg.server
+        return absolute_round % server.eval_every == 0 or absolute_round == server.rounds
+
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        if self.cfg.server.fraction_evaluate <= 0:
+        if self.cfg.server.fraction_evaluate <= 0 or not self.evaluates(server_round + self.round_offset):
             return []
         eligible = sorted(int(n) for n in grid.get_node_ids())
         size = max(1, math.ceil(self.cfg.server.fraction_evaluate * len(eligible))) if eligible else 0
@@ -308,7 +312,7 @@ class MetaGradientStrategy(FedAvg):
         """Flower's ``evaluate_fn``: called after every round (and once before the first, skipped)."""
         if server_round == 0:
             return None
-        if self.heldout is not None:
+        if self.heldout is not None and self.evaluates(self.record["round"]):
             heldout = self.heldout({n: p.detach() for n, p in self.params.items()})
             self.record["heldout"] = heldout
             self.record["heldout_mean"] = mean_metrics(heldout)

@@ -115,12 +115,14 @@ class ServerConfig:
     min_train_nodes: int = 2
     # Training hospitals asked for few-shot metrics on their own held-out split after each round.
     fraction_evaluate: float = 0.0
+    # Few-shot evaluation (hospitals' own and held-out) every this many rounds, and after the last.
+    eval_every: int = 1
     local_steps: int = 1
     meta_lr: float = 1e-3
     optimizer: ServerOptimizer = "adam"
     lr_schedule: LrSchedule = "constant"
     aggregation: Aggregation = "episodes"
-    max_update_norm: float = 1e3
+    max_update_norm: float = 1e4
     round_timeout_s: float = 600.0
     # How long a round waits for min-train-nodes hospitals to connect before it goes on without an update.
     wait_for_nodes_s: float = 300.0
@@ -130,10 +132,15 @@ class ServerConfig:
     site_clip: float = 1.0
     site_noise_multiplier: float = 1.0
     site_delta: float = 1e-3
+    # Audit: write what every reply carries (record, array and metric names, shapes, dtypes; never
+    # values) to OUT_DIR/replies.jsonl (server.capture.ReplyCapture).
+    capture_replies: bool = False
 
     def __post_init__(self) -> None:
-        if self.rounds < 1 or self.local_steps < 1 or self.min_train_nodes < 1:
-            raise ConfigError("server.rounds, server.local-steps and server.min-train-nodes must be >= 1")
+        if min(self.rounds, self.local_steps, self.min_train_nodes, self.eval_every) < 1:
+            raise ConfigError(
+                "server.rounds, server.local-steps, server.min-train-nodes and server.eval-every must be >= 1"
+            )
         if not 0 < self.fraction_train <= 1 or not 0 <= self.fraction_evaluate <= 1:
             raise ConfigError("server.fraction-train must be in (0, 1] and server.fraction-evaluate in [0, 1]")
 
@@ -196,6 +203,17 @@ class FedMetaConfig:
             for name, values in sections.items()
         }
         return dataclasses.replace(self, **changes)
+
+
+def parse_assignments(pairs: list[str], flag: str) -> dict[str, str]:
+    """``["maml.inner-steps=1", ...]`` from the command line; :meth:`FedMetaConfig.from_flat` types the values."""
+    assignments = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{flag} {pair!r}: write KEY=VALUE, e.g. maml.inner-steps=1")
+        assignments[key.strip()] = value.strip()
+    return assignments
 
 
 def _section_names() -> str:

@@ -70,6 +70,15 @@ class EpisodeSampler:
         return stack_episodes(images, [self.sample() for _ in range(meta_batch)])
 
 
+def fitting_query_count(labels: np.ndarray, n_way: int, k_shot: int, q_query: int) -> int:
+    """The most queries per class, up to ``q_query``, with which ``labels`` still give ``n_way``-way
+    ``k_shot`` episodes: the documented fallback for small hospitals (at least one query per class)."""
+    counts = np.sort(np.unique(np.asarray(labels), return_counts=True)[1])[::-1]
+    if len(counts) < n_way or counts[n_way - 1] < k_shot + 1:
+        return q_query  # nothing fits: let EpisodeSampler raise its explanation
+    return int(min(q_query, counts[n_way - 1] - k_shot))
+
+
 def stack_episodes(images: torch.Tensor, episodes: list[EpisodeIndices]) -> EpisodeBatch:
     """Gather pool ``images`` ``[P, C, H, W]`` into an :class:`EpisodeBatch`."""
 

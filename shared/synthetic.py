@@ -97,7 +97,7 @@ def site_profile(hospital_index: int, seed: int) -> SiteProfile:
         scanner=SCANNERS[hospital_index % len(SCANNERS)],
         label_names=label_names,
         class_weights=tuple(rng.dirichlet(np.full(len(label_names), 2.0)).tolist()),
-        default_images=int(rng.integers(60, 121)),
+        default_images=int(rng.integers(150, 301)),
         rows=size,
         columns=max(32, round(size * aspect)),
         gamma=float(rng.uniform(0.7, 1.4)),
@@ -306,7 +306,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", type=Path, required=True, help="folder to create hospital-000, hospital-001, ... in")
     parser.add_argument("--hospitals", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--images", type=int, default=None, help="images per hospital (default: 60-120, per site)")
+    parser.add_argument("--images", type=int, default=None, help="images per hospital (default: 150-300, per site)")
     parser.set_defaults(handler=_run)
 
 

@@ -18,7 +18,13 @@ import torch
 from client.hospital import Hospital
 from shared.config import FedMetaConfig
 from shared.errors import UserError
-from shared.evaluation import adapt_and_predict, classification_metrics, few_shot_tasks, train_from_scratch
+from shared.evaluation import (
+    FewShotTask,
+    adapt_and_predict,
+    classification_metrics,
+    few_shot_tasks,
+    train_from_scratch,
+)
 from shared.federation import federation_dir
 from shared.maml import MetaLearner, Params
 from shared.models import build_model
@@ -26,7 +32,7 @@ from shared.synthetic import hospital_name, write_synthetic_hospital
 
 log = logging.getLogger(__name__)
 HELDOUT_SEED_OFFSET = 7919  # held-out sites come from their own seed stream
-SCRATCH_STEPS = 100
+FINE_TUNE_STEPS = 100
 
 
 class HeldoutHospitals:
@@ -58,9 +64,10 @@ class HeldoutHospitals:
                 log.warning("held-out %s skipped: %s", folder.name, err)
         return results
 
-    def compare_with_scratch(self, meta_params: Params, scratch_steps: int = SCRATCH_STEPS) -> dict[str, dict]:
-        """Meta-model after ``eval-steps`` inner steps vs a fresh model trained ``scratch_steps`` Adam
-        steps on the same shots, per held-out hospital, with the per-task paired difference."""
+    def compare_with_scratch(self, meta_params: Params, fine_tune_steps: int = FINE_TUNE_STEPS) -> dict[str, dict]:
+        """Per held-out hospital, on the same few-shot tasks: the meta-model after the inner loop
+        (``eval-steps``), the meta-init fine-tuned like a fresh model, and a fresh model trained
+        ``fine_tune_steps`` Adam steps on the same shots; gains are per-task paired differences."""
         torch.manual_seed(self.cfg.seed + 1)
         scratch_init = MetaLearner(build_model(self.cfg.model), self.cfg.maml).init_meta_params()
         out: dict[str, dict] = {}
@@ -79,35 +86,37 @@ class HeldoutHospitals:
             except UserError as err:
                 log.warning("held-out %s skipped: %s", folder.name, err)
                 continue
-            train_images, test_images = torch.from_numpy(train.images), torch.from_numpy(test.images)
-            learner = hospital.learner
-            per_method: dict[str, list[dict[str, float]]] = {"meta": [], "scratch": []}
-            probs: dict[str, list[np.ndarray]] = {"meta": [], "scratch": []}
-            truth = []
-            for task in tasks:
-                meta = adapt_and_predict(
-                    learner, meta_params, task, train_images, test_images, self.cfg.episode.eval_steps
-                )
-                scratch_params = train_from_scratch(learner, scratch_init, task, train_images, scratch_steps)
-                scratch = adapt_and_predict(learner, scratch_params, task, train_images, test_images, steps=0)
-                for name, p in (("meta", meta), ("scratch", scratch)):
-                    per_method[name].append(classification_metrics(task.query_y, p))
-                    probs[name].append(p)
-                truth.append(task.query_y)
-            y = np.concatenate(truth)
-            paired = np.array(
-                [
-                    m["balanced-accuracy"] - s["balanced-accuracy"]
-                    for m, s in zip(per_method["meta"], per_method["scratch"])
-                ]
-            )
-            out[folder.name] = {
-                "meta": classification_metrics(y, np.concatenate(probs["meta"])),
-                "scratch": classification_metrics(y, np.concatenate(probs["scratch"])),
-                "balanced-accuracy-gain": float(paired.mean()),
-                "gain-ci95": float(1.96 * paired.std(ddof=1) / np.sqrt(len(paired)))
-                if len(paired) > 1
-                else float("nan"),
-                "tasks": len(tasks),
-            }
+            out[folder.name] = self._compare_on(hospital, tasks, meta_params, scratch_init, fine_tune_steps)
         return out
+
+    def _compare_on(
+        self, hospital: Hospital, tasks: list[FewShotTask], meta_params: Params, scratch_init: Params, steps: int
+    ) -> dict[str, object]:
+        train, test = hospital.data.split("train"), hospital.data.split("test")
+        train_images, test_images = torch.from_numpy(train.images), torch.from_numpy(test.images)
+        learner = hospital.learner
+        meta_model = {n: p for n, p in meta_params.items() if n in scratch_init}
+        probs: dict[str, list[np.ndarray]] = {"meta": [], "meta+fine-tune": [], "scratch": []}
+        for task in tasks:
+            probs["meta"].append(
+                adapt_and_predict(learner, meta_params, task, train_images, test_images, self.cfg.episode.eval_steps)
+            )
+            for name, init in (("meta+fine-tune", meta_model), ("scratch", scratch_init)):
+                tuned = train_from_scratch(learner, init, task, train_images, steps)
+                probs[name].append(adapt_and_predict(learner, tuned, task, train_images, test_images, steps=0))
+        per_task = {
+            name: np.array([classification_metrics(t.query_y, p)["balanced-accuracy"] for t, p in zip(tasks, ps)])
+            for name, ps in probs.items()
+        }
+        y = np.concatenate([t.query_y for t in tasks])
+        result: dict[str, object] = {name: classification_metrics(y, np.concatenate(ps)) for name, ps in probs.items()}
+        for name in ("meta", "meta+fine-tune"):
+            result[f"{name} gain"] = paired_gain(per_task[name] - per_task["scratch"])
+        result["tasks"] = len(tasks)
+        return result
+
+
+def paired_gain(differences: np.ndarray) -> dict[str, float]:
+    """Mean per-task balanced-accuracy difference and the half-width of its normal 95% interval."""
+    half = 1.96 * differences.std(ddof=1) / np.sqrt(len(differences)) if len(differences) > 1 else float("nan")
+    return {"mean": float(differences.mean()), "ci95": float(half)}

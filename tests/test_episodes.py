@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from shared.episodes import EpisodeError, EpisodeSampler, stack_episodes
+from shared.episodes import EpisodeError, EpisodeSampler, fitting_query_count, stack_episodes
 
 
 def imbalanced_labels() -> np.ndarray:
@@ -60,3 +60,12 @@ def test_stack_episodes_gathers_images_in_episode_order() -> None:
     assert batch.query_x.shape == (4, 6, 1, 2, 2)
     np.testing.assert_array_equal(batch.support_x[2, :, 0, 0, 0].numpy(), episodes[2].support)
     np.testing.assert_array_equal(batch.query_y[3].numpy(), episodes[3].query_y)
+
+
+def test_small_classes_fall_back_to_fewer_queries_but_never_below_one() -> None:
+    labels = np.array([0] * 9 + [1] * 12 + [2] * 30)
+    assert fitting_query_count(labels, n_way=2, k_shot=5, q_query=10) == 7  # second-largest class has 12
+    assert fitting_query_count(labels, n_way=3, k_shot=5, q_query=10) == 4
+    assert fitting_query_count(labels, n_way=2, k_shot=5, q_query=3) == 3
+    EpisodeSampler(labels, n_way=3, k_shot=5, q_query=4, seed=0).sample()  # the fallback is a valid episode
+    assert fitting_query_count(np.array([0] * 5 + [1] * 30), n_way=2, k_shot=5, q_query=10) == 10  # nothing fits

@@ -18,7 +18,7 @@ $(INSTALLED): pyproject.toml
 # 10 synthetic hospitals (written on first use), 4 sampled per round, DP on; then the results table.
 run: $(INSTALLED)
 	rm -rf runs/demo
-	$(BIN)/fedmeta simulate --hospitals 10 --rounds 30 --clients-per-round 4 --out runs/demo --set server.eval-every=10 server.meta-lr=0.003
+	$(BIN)/fedmeta simulate --hospitals 10 --rounds 30 --clients-per-round 4 --out runs/demo --set server.eval-every=10
 
 test: $(INSTALLED)
 	$(BIN)/ruff check .

@@ -118,7 +118,7 @@ class ServerConfig:
     # Few-shot evaluation (hospitals' own and held-out) every this many rounds, and after the last.
     eval_every: int = 1
     local_steps: int = 1
-    meta_lr: float = 1e-3
+    meta_lr: float = 3e-3
     optimizer: ServerOptimizer = "adam"
     lr_schedule: LrSchedule = "constant"
     aggregation: Aggregation = "episodes"

@@ -11,6 +11,7 @@ from typing import Any
 BENCHMARKS: dict[str, str] = {
     "maml": "simulations.bench_maml",
     "ingest": "simulations.bench_ingest",
+    "scale": "simulations.bench_scale",
 }
 
 

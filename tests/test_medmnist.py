@@ -119,3 +119,33 @@ def test_import_medmnist_command(tmp_path: Path, capsys: pytest.CaptureFixture[s
             "--partition", "site-shift", "--max-per-hospital", "6", "--seed", "2"]  # fmt: skip
     assert main(argv) == 0
     assert "hospital-001: 6 images" in capsys.readouterr().out
+
+
+def test_episodes_from_an_imported_federation_meta_train_to_better_than_chance(tmp_path: Path) -> None:
+    import torch
+
+    from shared.config import MamlConfig, ModelConfig
+    from shared.episodes import EpisodeSampler
+    from shared.maml import MetaLearner
+    from shared.models import build_model
+
+    folders = import_medmnist([npz("pneumonia")], tmp_path, hospitals=2, partition="site-shift", max_per_hospital=300)
+    pools = []
+    for folder in folders:
+        data = load_hospital(folder, PreprocessConfig(image_size=28, channels=1))
+        pools.append((EpisodeSampler(data.labels, 2, 5, 10, seed=len(pools)), torch.from_numpy(data.images)))
+    torch.manual_seed(0)
+    maml = MamlConfig(inner_steps=5, inner_lr=0.3, order="first")  # measured: 0.78 after 20 meta-steps, 0.88 after 60
+    learner = MetaLearner(build_model(ModelConfig(width=16, n_way=2)), maml)
+    params = learner.init_meta_params()
+    optimizer = torch.optim.Adam(list(params.values()), lr=1e-2)
+    for step in range(30):
+        sampler, images = pools[step % 2]
+        outer = learner.per_episode_outer_grads(params, sampler.sample_batch(images, 4)).mean()
+        for name, p in params.items():
+            p.grad = outer[name]
+        optimizer.step()
+    sampler, images = pools[1]
+    test = sampler.sample_batch(images, 20)
+    accuracy = (learner.predict_query(params, test).argmax(-1) == test.query_y).float().mean().item()
+    assert accuracy > 0.65  # 2-way: chance is 0.5

@@ -1,8 +1,9 @@
-"""Flower's own processes (SuperLink, SuperNode, ``flwr``) as children we start, watch and stop by PID.
+"""Flower's own processes (SuperLink, SuperNode, ``flwr``) as children we start, follow and stop by PID.
 
-Flower starts more processes under them (``flower-superexec``, ``flwr-serverapp``, ``flwr-clientapp``,
-``flwr-simulation``), each a child of the one before, in its own session: Ctrl-C in a terminal reaches
-only our process, which then stops every tree it started, children first-signalled with the parent.
+Under them Flower starts more (``flower-superexec``, then ``flwr-serverapp``, ``flwr-clientapp`` or
+``flwr-simulation``), detached in new sessions: Ctrl-C in a terminal reaches only our process, and a
+process whose parent has exited no longer shows in the tree. So every process we start carries a marker
+in its environment, which everything under it inherits, and stopping finds the whole family by it.
 """
 
 from __future__ import annotations
@@ -39,7 +40,9 @@ def free_port() -> int:
 
 
 def port_is_free(host: str, port: int) -> bool:
+    """Nothing listens there (connections of an earlier server lingering in TIME_WAIT do not count)."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:
@@ -105,10 +108,6 @@ class ProcessTree(subprocess.Popen):
                 if p.environ().get(TREE_MARKER) == self.marker:
                     found.append(p)
         return found
-
-
-def start(command: list[str], env: dict[str, str], log_file: IO[bytes] | None = None) -> ProcessTree:
-    return ProcessTree(command, env, log_file)
 
 
 def follow(process: subprocess.Popen, log_path: Path, on_line: Callable[[str], None]) -> int:

@@ -92,7 +92,7 @@ def resolve_path(path: ExecutionPath, device: torch.device) -> ExecutionPath:
 
 
 @contextmanager
-def _intra_op_threads(n: int) -> Iterator[None]:
+def intra_op_threads(n: int) -> Iterator[None]:
     before = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
@@ -231,7 +231,7 @@ class MetaLearner:
 
         workers = min(len(batch), torch.get_num_threads()) if device.type == "cpu" else 1
         if workers > 1:
-            with _intra_op_threads(1), ThreadPoolExecutor(workers) as pool:
+            with intra_op_threads(1), ThreadPoolExecutor(workers) as pool:
                 results = list(pool.map(one_episode, range(len(batch))))
         else:
             results = [one_episode(i) for i in range(len(batch))]

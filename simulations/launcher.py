@@ -16,29 +16,15 @@ from typing import Any
 
 from shared.flower_processes import (
     CONNECTION,
-    PROJECT_DIR,
+    ProcessTree,
     flower_bin,
     flower_env,
     flwr_run_command,
     free_port,
-    start,
     stop_process_tree,
-    toml_value,
     wait_for_port,
     write_connection,
 )
-
-# re-exported: the simulation commands import these from here
-__all__ = [
-    "CONNECTION",
-    "PROJECT_DIR",
-    "flower_env",
-    "flwr_run",
-    "free_port",
-    "simulation_superlink",
-    "stop_process_tree",
-    "toml_value",
-]
 
 
 @contextlib.contextmanager
@@ -66,7 +52,7 @@ def simulation_superlink(work_dir: Path) -> Iterator[tuple[int, dict[str, str]]]
         str(work_dir / "superlink.db"),
     ]
     with open(log_path, "ab") as log_file:
-        superlink = start(command, env, log_file)
+        superlink = ProcessTree(command, env, log_file)
         try:
             wait_for_port(port, superlink, log_path)
             yield port, env
@@ -80,4 +66,4 @@ def flwr_run(
     """Start ``flwr run PROJECT fedmeta --run-config FILE --federation-config ... --stream``, output to
     ``log_path``; the caller waits for it (and stops it with :func:`stop_process_tree`)."""
     with open(log_path, "ab") as log_file:
-        return start(flwr_run_command(run_config, federation, work_dir), env, log_file)
+        return ProcessTree(flwr_run_command(run_config, federation, work_dir), env, log_file)

@@ -19,8 +19,9 @@ import psutil
 from tqdm import tqdm
 
 from server.report import read_metrics
-from shared.config import FedMetaConfig
+from shared.config import FedMetaConfig, parse_assignments
 from shared.errors import UserError
+from shared.flower_processes import stop_process_tree
 from simulations.launcher import flwr_run, simulation_superlink
 
 HELDOUT_METHODS = ("meta", "meta+fine-tune", "scratch")
@@ -49,16 +50,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=run)
 
 
-def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    overrides = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise UserError(f"--set {pair!r}: write KEY=VALUE, e.g. maml.inner-lr=0.05")
-        overrides[key] = value
-    return overrides
-
-
 def simulation_config(args: argparse.Namespace) -> FedMetaConfig:
     run_dir = args.out.expanduser().resolve()
     if args.hospitals < 1 or args.rounds < 1:
@@ -79,7 +70,7 @@ def simulation_config(args: argparse.Namespace) -> FedMetaConfig:
         "server.min-train-nodes": min(2, per_round),
         "privacy.enabled": not args.no_dp,
     }
-    flat.update(parse_overrides(args.set))
+    flat.update(parse_assignments(args.set, "--set"))
     return FedMetaConfig.from_flat(flat)
 
 
@@ -127,9 +118,12 @@ def run_simulation(cfg: FedMetaConfig, hospitals: int, quiet: bool = False) -> d
     try:
         with simulation_superlink(run_dir) as (_, env):
             flwr = flwr_run(cfg.to_flat(), federation, run_dir, env, log_path)
-            while flwr.poll() is None:
-                time.sleep(1.0)
-                progress.update(len(read_metrics(run_dir)) - progress.n)
+            try:
+                while flwr.poll() is None:
+                    time.sleep(1.0)
+                    progress.update(len(read_metrics(run_dir)) - progress.n)
+            finally:
+                stop_process_tree(flwr)
             progress.update(len(read_metrics(run_dir)) - progress.n)
     finally:
         progress.close()

@@ -1,0 +1,242 @@
+"""``fedmeta client``: join one hospital to a fedmeta server, until Ctrl-C or SIGTERM.
+
+It runs a Flower SuperNode as its own child: TLS to the server (the deployment's ``ca.crt``), the
+hospital's private key for SuperNode authentication, the hospital folder and its own privacy
+settings in the node config, and a local port of its own so several hospitals can share a machine.
+Flower's state (installed app bundles) and the SuperNode's log live in ``HOSPITAL/.fedmeta/``.
+
+The SuperLink refuses a key that is not registered, and also, for up to two missed heartbeats
+(about a minute), the key of a client that crashed and has not been noticed gone yet: so a refused
+client tries again for ``--activation-timeout`` seconds before it gives up with a clear message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL, HEARTBEAT_PATIENCE
+
+from shared.certs import CA_CERT, hospital_key
+from shared.config import FedMetaConfig, parse_assignments
+from shared.errors import UserError
+from shared.flower_processes import (
+    ProcessTree,
+    flower_bin,
+    flower_env,
+    follow,
+    free_port,
+    port_is_free,
+    sigterm_as_interrupt,
+    stop_process_tree,
+    toml_value,
+)
+
+ACTIVATION_TIMEOUT_S = 1.5 * HEARTBEAT_PATIENCE * HEARTBEAT_DEFAULT_INTERVAL
+RETRY_PAUSE_S = 5.0
+CONNECTED = re.compile(r"SuperNode ID: (\d+)")
+REFUSED = "Failed to activate SuperNode"
+TLS_FAILED = re.compile(r"\[SSL[^\]]*\][^(]*|SSL/TLS handshake error")
+WORTH_SHOWING = re.compile(r"\b(WARNING|ERROR)\b(?!.*Exit Code)")  # an exit is explained by this command
+
+
+def say(message: str) -> None:
+    print(f"fedmeta client: {message}", flush=True)
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    hospital: Path
+    name: str
+    server: str  # HOST:PORT
+    ca: Path | None  # None with key None: --insecure
+    key: Path | None
+    port: int  # the SuperNode's local port for its ClientApps
+    privacy: dict[str, object]  # privacy.* node-config keys, typed
+    activation_timeout_s: float
+
+    @property
+    def state_dir(self) -> Path:
+        return self.hospital / ".fedmeta"
+
+    def node_config(self) -> str:
+        items = {"data-path": str(self.hospital), **self.privacy}
+        return " ".join(f"{k}={toml_value(v)}" for k, v in items.items())
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "client", help="join a hospital to a fedmeta server: a SuperNode on the hospital's folder"
+    )
+    parser.add_argument("--hospital", type=Path, required=True, help="the hospital's folder of DICOM files")
+    parser.add_argument("--name", required=True, help="the hospital's name, as in its key file NAME.key")
+    parser.add_argument("--server", required=True, metavar="HOST:PORT", help="the fedmeta server, e.g. 10.0.0.5:8000")
+    parser.add_argument("--certs", type=Path, help="folder with ca.crt and hospitals/NAME.key (from `fedmeta certs`)")
+    parser.add_argument("--ca", type=Path, help="the deployment's ca.crt (instead of --certs)")
+    parser.add_argument("--key", type=Path, help="this hospital's private key NAME.key (instead of --certs)")
+    parser.add_argument("--port", type=int, default=None, help="local port for the ClientApps (default: a free one)")
+    parser.add_argument("--insecure", action="store_true", help="no TLS, no authentication: a local trial")
+    parser.add_argument(
+        "--privacy", nargs="+", default=[], metavar="KEY=VALUE", help="this hospital's own privacy.* settings"
+    )
+    parser.add_argument(
+        "--activation-timeout",
+        type=float,
+        default=ACTIVATION_TIMEOUT_S,
+        metavar="SECONDS",
+        help=f"how long a refused key is tried again (default {ACTIVATION_TIMEOUT_S:.0f})",
+    )
+    parser.set_defaults(handler=_run)
+
+
+def settings_from_args(args: argparse.Namespace) -> ClientSettings:
+    hospital = args.hospital.expanduser().resolve()
+    if not hospital.is_dir():
+        raise UserError(f"hospital folder {hospital} does not exist: pass the folder of its DICOM files to --hospital")
+    host, _, port = args.server.rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"--server {args.server!r}: write HOST:PORT, e.g. 127.0.0.1:8000")
+    ca, key = _credentials(args)
+    privacy = {
+        f"privacy.{k.removeprefix('privacy.')}": v for k, v in parse_assignments(args.privacy, "--privacy").items()
+    }
+    typed = FedMetaConfig.from_flat(privacy).to_flat()
+    local_port = free_port() if args.port is None else args.port
+    if not port_is_free("127.0.0.1", local_port):
+        raise UserError(f"local port {local_port} is in use (another hospital's client?): pick another --port")
+    return ClientSettings(
+        hospital=hospital,
+        name=args.name,
+        server=args.server,
+        ca=ca,
+        key=key,
+        port=local_port,
+        privacy={k: typed[k] for k in privacy},
+        activation_timeout_s=args.activation_timeout,
+    )
+
+
+def _credentials(args: argparse.Namespace) -> tuple[Path | None, Path | None]:
+    if args.insecure:
+        if args.certs or args.ca or args.key:
+            raise UserError("--insecure excludes --certs, --ca and --key")
+        return None, None
+    if args.certs:
+        if args.ca or args.key:
+            raise UserError("give --certs DIR, or --ca and --key, not both")
+        ca, key = args.certs / CA_CERT, hospital_key(args.certs, args.name)
+    elif args.ca and args.key:
+        ca, key = args.ca, args.key
+    else:
+        raise UserError("give --certs DIR, or --ca CA_CERT and --key PRIVATE_KEY (or --insecure for a local trial)")
+    if not ca.is_file():
+        raise UserError(f"{ca} is missing: copy the deployment's ca.crt from the server")
+    if not key.is_file():
+        raise UserError(f"{key} is missing: copy this hospital's {args.name}.key from whoever ran `fedmeta certs`")
+    try:
+        private = load_ssh_private_key(key.read_bytes(), password=None)
+    except (ValueError, UnsupportedAlgorithm, TypeError):
+        private = None
+    if not isinstance(private, ec.EllipticCurvePrivateKey):
+        raise UserError(
+            f"{key} is not an unencrypted OpenSSH EC private key: use the key from `fedmeta certs` "
+            "(or `ssh-keygen -t ecdsa -b 384 -N ''`)"
+        )
+    return ca.resolve(), key.resolve()
+
+
+def _run(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    if settings.key is None:
+        say("warning: --insecure: no TLS and no hospital authentication; for local trials only")
+    join(settings)
+    return 0
+
+
+def supernode_command(settings: ClientSettings) -> list[str]:
+    command = [flower_bin("flower-supernode"), "--superlink", settings.server]
+    if settings.key is None:
+        command.append("--insecure")
+    else:
+        command += ["--root-certificates", str(settings.ca), "--auth-supernode-private-key", str(settings.key)]
+    return [
+        *command,
+        *("--isolation", "subprocess"),
+        *("--port", str(settings.port)),
+        *("--node-config", settings.node_config()),
+    ]
+
+
+class SupernodeOutput:
+    """What the SuperNode said that matters: connected, refused, a TLS failure; shows warnings once."""
+
+    def __init__(self, settings: ClientSettings) -> None:
+        self.settings = settings
+        self.refused = False
+        self.tls_error = ""
+        self._last_shown = ""
+
+    def __call__(self, line: str) -> None:
+        if connected := CONNECTED.search(line):
+            say(f"hospital {self.settings.name} connected to {self.settings.server} as SuperNode {connected.group(1)}")
+        elif REFUSED in line:
+            self.refused = True
+        elif tls := TLS_FAILED.search(line):  # keep OpenSSL's reason over the generic line
+            self.tls_error = max(self.tls_error, tls.group(0).strip(), key=len)
+        elif WORTH_SHOWING.search(line):
+            shown = re.sub(r"[\d.]+", "#", line)  # "retrying in 1.23 seconds" is shown once, not every time
+            if shown != self._last_shown:
+                self._last_shown = shown
+                print(line, flush=True)
+
+
+def join(settings: ClientSettings) -> None:
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    log_path = settings.state_dir / "supernode.log"
+    env = flower_env(settings.state_dir / "flower")
+    security = "TLS, key " + str(settings.key) if settings.key else "INSECURE"
+    say(f"hospital {settings.name} ({settings.hospital}) joining {settings.server} ({security}); log {log_path}")
+    deadline = time.monotonic() + settings.activation_timeout_s
+    with sigterm_as_interrupt():
+        for attempt in itertools.count():
+            if run_supernode(settings, env, log_path):
+                return
+            if time.monotonic() + RETRY_PAUSE_S > deadline:
+                raise UserError(
+                    f"{settings.server} refused hospital {settings.name}'s key {settings.key}: register "
+                    f"{settings.name}.key.pub at the server (`fedmeta server` registers each key in CERTS/hospitals/), "
+                    "or stop the other client using this key"
+                )
+            if attempt == 0:
+                say(
+                    "the server refuses this key for now (not registered yet, or a crashed client with it is still "
+                    f"listed); trying again for up to {settings.activation_timeout_s:.0f}s"
+                )
+            time.sleep(RETRY_PAUSE_S)
+
+
+def run_supernode(settings: ClientSettings, env: dict[str, str], log_path: Path) -> bool:
+    """Run the SuperNode until it ends; False when the SuperLink refused its key."""
+    output = SupernodeOutput(settings)
+    supernode = ProcessTree(supernode_command(settings), env)
+    try:
+        status = follow(supernode, log_path, output)
+    finally:
+        stop_process_tree(supernode)
+    if output.tls_error:
+        raise UserError(
+            f"TLS with {settings.server} failed ({output.tls_error}): use the ca.crt of that server and a "
+            "host name its certificate lists (`fedmeta certs --server-host`)"
+        )
+    if output.refused:
+        return False
+    if status != 0:
+        raise UserError(f"the Flower SuperNode exited with status {status}; see {log_path}")
+    return True

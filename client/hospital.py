@@ -23,7 +23,7 @@ from client.privacy import NoiseCalibration, PrivateRelease, calibrate_accountan
 from shared.config import FedMetaConfig, PrivacyConfig
 from shared.dicom import PreprocessConfig
 from shared.episodes import EpisodeIndices, EpisodeSampler, fitting_query_count, stack_episodes
-from shared.evaluation import adapt_and_predict, classification_metrics, few_shot_tasks
+from shared.evaluation import FewShotTask, adapt_and_predict, classification_metrics, few_shot_tasks
 from shared.hospital import HospitalData, load_hospital
 from shared.maml import MetaLearner, OuterGrads, Params
 from shared.models import build_model
@@ -228,20 +228,25 @@ class Hospital:
             },
         )
 
+    def few_shot_tasks(self, seed: int = 0) -> list[FewShotTask]:
+        """The evaluation tasks: K labelled train scans per class, the test split as queries."""
+        episode = self.cfg.episode
+        return few_shot_tasks(
+            self.data.split("train").labels,
+            self.data.split("test").labels,
+            self.cfg.model.n_way,
+            episode.k_shot,
+            episode.eval_episodes,
+            seed,
+        )
+
     def evaluate(self, meta_params: Params, steps: int | None = None, seed: int = 0) -> dict[str, float]:
         """Few-shot metrics on the hospital's test split (aggregates only)."""
         steps = self.cfg.episode.eval_steps if steps is None else steps
         meta_params = {n: p.to(self.device) for n, p in meta_params.items()}
-        train, train_images = self._pool("train")
+        _, train_images = self._pool("train")
         test, test_images = self._pool("test")
-        tasks = few_shot_tasks(
-            train.labels,
-            test.labels,
-            self.cfg.model.n_way,
-            self.cfg.episode.k_shot,
-            self.cfg.episode.eval_episodes,
-            seed,
-        )
+        tasks = self.few_shot_tasks(seed)
         probs, truth = [], []
         for task in tasks:
             probs.append(adapt_and_predict(self.learner, meta_params, task, train_images, test_images, steps))

@@ -46,16 +46,21 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _tasks_per_s(step: Callable[[], object], tasks: int, steps: int, device: torch.device) -> float:
-    step()  # warm-up: allocator, kernels, thread pools
-    _synchronize(device)
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
+def _tasks_per_s(
+    steps: dict[str, Callable[[], object]], tasks: int, repeats: int, device: torch.device
+) -> dict[str, float]:
+    """Median throughput of each step; the steps take turns, so a change in machine load hits all alike."""
+    for step in steps.values():  # warm-up: allocator, kernels, thread pools, CUDA graphs
         step()
-        _synchronize(device)
-        times.append(time.perf_counter() - start)
-    return tasks / statistics.median(times)
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            _synchronize(device)
+            start = time.perf_counter()
+            step()
+            _synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: tasks / statistics.median(t) for name, t in times.items()}
 
 
 def reference_meta_step(learner: MetaLearner, params: Params, batch: EpisodeBatch) -> None:
@@ -91,21 +96,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     release = PrivateRelease(params, NoiseCalibration(1.0, max_grad_norm=1.0), expected_episodes=e)
 
-    tasks_per_s: dict[str, dict[str, float]] = {}
-    for path in args.paths.split(","):
-        tasks_per_s[path] = {
-            "dp_off": _tasks_per_s(
-                lambda path=path: learner.per_episode_outer_grads(params, batch, path).mean(), e, args.steps, device
-            ),
-            "dp_on": _tasks_per_s(
-                lambda path=path: release.release(learner.per_episode_outer_grads(params, batch, path)),
-                e,
-                args.steps,
-                device,
-            ),
-        }
     leaves = {name: p.clone().requires_grad_() for name, p in params.items()}
-    reference = _tasks_per_s(lambda: reference_meta_step(learner, leaves, batch), e, args.steps, device)
+    steps: dict[str, Callable[[], object]] = {"reference": lambda: reference_meta_step(learner, leaves, batch)}
+    paths = args.paths.split(",")
+    for path in paths:
+        steps[f"{path}/dp_off"] = lambda path=path: learner.per_episode_outer_grads(params, batch, path).mean()
+        steps[f"{path}/dp_on"] = lambda path=path: release.release(learner.per_episode_outer_grads(params, batch, path))
+    measured = _tasks_per_s(steps, e, args.steps, device)
+    reference = measured["reference"]
+    tasks_per_s = {path: {dp: measured[f"{path}/{dp}"] for dp in ("dp_off", "dp_on")} for path in paths}
     chosen = resolve_path("auto", device)
     if chosen not in tasks_per_s:
         chosen = next(iter(tasks_per_s))

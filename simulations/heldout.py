@@ -22,7 +22,6 @@ from shared.evaluation import (
     FewShotTask,
     adapt_and_predict,
     classification_metrics,
-    few_shot_tasks,
     train_from_scratch,
 )
 from shared.federation import federation_dir
@@ -74,15 +73,7 @@ class HeldoutHospitals:
         for folder in self.folders:
             try:
                 hospital = self.hospital(folder)
-                train, test = hospital.data.split("train"), hospital.data.split("test")
-                tasks = few_shot_tasks(
-                    train.labels,
-                    test.labels,
-                    self.cfg.model.n_way,
-                    self.cfg.episode.k_shot,
-                    self.cfg.episode.eval_episodes,
-                    seed=0,
-                )
+                tasks = hospital.few_shot_tasks()
             except UserError as err:
                 log.warning("held-out %s skipped: %s", folder.name, err)
                 continue

@@ -12,6 +12,7 @@ BENCHMARKS: dict[str, str] = {
     "maml": "simulations.bench_maml",
     "ingest": "simulations.bench_ingest",
     "scale": "simulations.bench_scale",
+    "adapt": "simulations.bench_adapt",
 }
 
 

@@ -1,0 +1,334 @@
+"""``fedmeta adapt``: a new hospital's own model from the meta-model and K labelled scans per class.
+
+The K shots per class (drawn from the hospital's train split with the seed) are the whole labelled budget.
+How to adapt is chosen on them alone, by leave-one-shot-per-class-out cross-validation (fold j holds out
+the j-th shot of every class), among:
+
+* ``inner-loop-<k>``: the meta-training inner loop, k steps (``maml.inner-steps`` and ``episode.eval-steps``);
+* ``fine-tune-lr<lr>``: Adam on every parameter from the meta-model, :data:`FINE_TUNE_STEPS` steps;
+* ``scratch-lr<lr>``: the same recipe from a fresh initialisation, what the hospital has without fedmeta.
+
+The chosen candidate is trained on all the shots and evaluated once on the hospital's test split, next to
+the best scratch candidate (chosen by the same validation), with bootstrap intervals for both and for
+their paired difference. The model's head is sized to the hospital's classes: with another number of
+classes than the meta-model's n-way it starts at zero (uniform predictions); the backbone is meta-learned.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from safetensors.torch import load
+
+from client.hospital import preprocess_for
+from shared.adapted_model import (
+    CARD_FILE,
+    FORMAT,
+    FORMAT_VERSION,
+    AdaptedModel,
+    check_model_folder,
+    save_adapted_model,
+)
+from shared.config import ConfigError, FedMetaConfig
+from shared.dicom import PreprocessConfig
+from shared.errors import UserError
+from shared.evaluation import BOOTSTRAP_RESAMPLES, classification_metrics, few_shot_tasks, fine_tune, paired_bootstrap
+from shared.hospital import HospitalData, load_hospital
+from shared.maml import INNER_LR_PREFIX, MetaLearner, Params, intra_op_threads
+from shared.models import HEAD_PREFIX, build_model
+
+RUN_WEIGHTS = "meta-model.safetensors"
+RUN_CARD = "model-card.json"
+FINE_TUNE_STEPS = 100
+FINE_TUNE_LRS = (1e-3, 1e-2)
+CandidateKind = Literal["inner-loop", "fine-tune", "scratch"]
+
+
+@dataclass(frozen=True, eq=False)
+class MetaModel:
+    params: Params
+    cfg: FedMetaConfig
+    weights: Path
+    sha256: str
+
+
+def load_meta_model(path: Path) -> MetaModel:
+    """The meta-parameters of a run folder (or its ``meta-model.safetensors``) and the run's config."""
+    path = Path(path)
+    weights = path / RUN_WEIGHTS if path.is_dir() else path
+    card = weights.parent / RUN_CARD
+    if not weights.is_file():
+        raise UserError(f"{weights} does not exist; pass a finished run folder (it holds {RUN_WEIGHTS})")
+    if not card.is_file():
+        raise UserError(f"{card} does not exist; pass the run folder the meta-model was written in (its config)")
+    try:
+        cfg = FedMetaConfig.from_flat(json.loads(card.read_text())["config"])
+    except ConfigError as err:
+        raise UserError(f"{card}: {err}") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise UserError(f"{card} has no readable 'config'; pass the run folder written by the fedmeta server") from None
+    try:
+        data = weights.read_bytes()
+        params = load(data)
+    except Exception:
+        raise UserError(f"{weights} is not a readable safetensors file; pass the run's {RUN_WEIGHTS}") from None
+    expected = MetaLearner(build_model(cfg.model), cfg.maml).init_meta_params()
+    if {n: tuple(p.shape) for n, p in params.items()} != {n: tuple(p.shape) for n, p in expected.items()}:
+        raise UserError(
+            f"{weights} does not match the architecture of {card} (model.arch={cfg.model.arch}, "
+            f"model.width={cfg.model.width}, maml.meta-sgd={cfg.maml.meta_sgd}); pass the two files of one run"
+        )
+    return MetaModel(
+        {n: p.float() for n, p in params.items()}, cfg, weights.resolve(), hashlib.sha256(data).hexdigest()
+    )
+
+
+@dataclass(frozen=True, eq=False)
+class Candidate:
+    name: str
+    kind: CandidateKind
+    init: Params
+    steps: int
+    lr: float | None = None  # Adam's; None for the inner loop (SGD at the meta-learned or configured rates)
+
+    def recipe(self) -> str:
+        if self.kind == "inner-loop":
+            return f"meta-training inner loop from the meta-model, {self.steps} SGD steps"
+        start = "the meta-model" if self.kind == "fine-tune" else "a fresh initialisation"
+        return f"Adam from {start}, {self.steps} full-batch steps, lr {self.lr:g}"
+
+
+def candidates(cfg: FedMetaConfig, meta_init: Params, fresh_init: Params) -> list[Candidate]:
+    inner = [
+        Candidate(f"inner-loop-{k}", "inner-loop", meta_init, k)
+        for k in sorted({cfg.maml.inner_steps, cfg.episode.eval_steps} - {0})
+    ]
+    fine = [Candidate(f"fine-tune-lr{lr:g}", "fine-tune", meta_init, FINE_TUNE_STEPS, lr) for lr in FINE_TUNE_LRS]
+    scratch = [Candidate(f"scratch-lr{lr:g}", "scratch", fresh_init, FINE_TUNE_STEPS, lr) for lr in FINE_TUNE_LRS]
+    return inner + fine + scratch
+
+
+def fit(learner: MetaLearner, candidate: Candidate, sx: torch.Tensor, sy: torch.Tensor) -> Params:
+    """The model's parameters after training ``candidate`` on the shots ``sx``, ``sy``."""
+    names = [name for name, _ in learner.model.named_parameters()]
+    if candidate.kind == "inner-loop":
+        with torch.enable_grad():
+            adapted = learner.adapted_params(candidate.init, sx, sy, learner.detached_inner_grads, candidate.steps)
+        return {n: adapted.get(n, candidate.init[n]).detach() for n in names}
+    assert candidate.lr is not None
+    return fine_tune(learner, {n: candidate.init[n] for n in names}, sx, sy, candidate.steps, candidate.lr)
+
+
+def cross_validate(
+    learner: MetaLearner, options: list[Candidate], sx: torch.Tensor, sy: torch.Tensor, shots: int
+) -> dict[str, dict[str, float]]:
+    """Out-of-fold balanced accuracy and log-loss of each candidate.
+
+    Shots are class-major, so fold j holds out the shots at index % shots == j. The (candidate, fold) fits
+    are tiny full-batch steps: they run on a thread pool with one intra-op thread each, which is also what
+    keeps them fast on a CPU shared with other processes.
+    """
+    fold = np.arange(len(sy)) % shots
+
+    def held_out_probs(job: tuple[Candidate, int]) -> np.ndarray:
+        candidate, j = job
+        held = torch.from_numpy(fold == j)
+        params = fit(learner, candidate, sx[~held], sy[~held])
+        with torch.no_grad():
+            return learner.logits(params, sx[held]).softmax(-1).numpy()
+
+    jobs = [(candidate, j) for candidate in options for j in range(shots)]
+    workers = torch.get_num_threads()
+    with intra_op_threads(1), ThreadPoolExecutor(workers) as pool:
+        results = dict(zip(jobs, pool.map(held_out_probs, jobs), strict=True))
+    y = sy.numpy()
+    scores = {}
+    for candidate in options:
+        probs = np.zeros((len(y), learner.model.head.out_features))
+        for j in range(shots):
+            probs[fold == j] = results[candidate, j]
+        scores[candidate.name] = {
+            "balanced-accuracy": classification_metrics(y, probs)["balanced-accuracy"],
+            "log-loss": float(-np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, None)).mean()),
+        }
+    return scores
+
+
+def _score(validation: dict[str, float]) -> tuple[float, float]:
+    return validation["balanced-accuracy"], -validation["log-loss"]
+
+
+def meta_init_for(meta: MetaModel, classes: int) -> tuple[Params, str]:
+    """The meta-parameters with the head sized to ``classes``, and what was done to the head."""
+    n_way = meta.cfg.model.n_way
+    if classes == n_way:
+        return dict(meta.params), "meta-learned (the hospital has as many classes as the meta-model's n-way)"
+    params = dict(meta.params)
+    for name in (HEAD_PREFIX + "weight", HEAD_PREFIX + "bias"):
+        params[name] = torch.zeros(classes, *params[name].shape[1:])
+        if (lr := params.get(INNER_LR_PREFIX + name)) is not None:  # Meta-SGD: each class row gets the mean rate
+            params[INNER_LR_PREFIX + name] = lr.mean(0, keepdim=True).expand(classes, *lr.shape[1:]).clone()
+    return params, (
+        f"re-initialised to zeros: the hospital has {classes} classes and the meta-model is {n_way}-way; "
+        "the backbone is the meta-model's"
+    )
+
+
+@dataclass(frozen=True, eq=False)
+class AdaptResult:
+    model: AdaptedModel
+    card: dict[str, Any]
+
+
+def adapt_hospital(
+    meta: MetaModel, data: HospitalData, shots: int, seed: int, preprocess: PreprocessConfig
+) -> AdaptResult:
+    if shots < 2:
+        raise UserError(f"--shots {shots}: choosing how to adapt holds out one shot per class, so use 2 or more")
+    if len(data.label_names) < 2:
+        raise UserError(f"the hospital has one label ({data.label_names[0]}); label scans of at least two classes")
+    train, test = data.split("train"), data.split("test")
+    for c, name in enumerate(data.label_names):
+        have = int((train.labels == c).sum())
+        if have < shots:
+            raise UserError(
+                f"class '{name}' has {have} labelled train-split scans, fewer than --shots {shots}; "
+                "lower --shots or label more of its scans"
+            )
+        if not (test.labels == c).any():
+            raise UserError(
+                f"class '{name}' has no test-split scans to evaluate on; mark some of its rows split=test in labels.csv"
+            )
+    classes = len(data.label_names)
+    task = few_shot_tasks(train.labels, test.labels, classes, shots, tasks=1, seed=seed)[0]
+    model_cfg = dataclasses.replace(meta.cfg.model, n_way=classes)
+    learner = MetaLearner(build_model(model_cfg), meta.cfg.maml)
+    meta_init, head = meta_init_for(meta, classes)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        fresh_init = {n: p.detach().clone() for n, p in build_model(model_cfg).named_parameters()}
+    options = candidates(meta.cfg, meta_init, fresh_init)
+
+    sx, sy = torch.from_numpy(train.images[task.support]), torch.from_numpy(task.support_y)
+    started = time.perf_counter()
+    validation = cross_validate(learner, options, sx, sy, shots)
+    chosen = max(options, key=lambda c: _score(validation[c.name]))
+    baseline = max((c for c in options if c.kind == "scratch"), key=lambda c: _score(validation[c.name]))
+    with intra_op_threads(1):
+        model = AdaptedModel(fit(learner, chosen, sx, sy), data.label_names, model_cfg, preprocess)
+        scratch = model if baseline is chosen else dataclasses.replace(model, params=fit(learner, baseline, sx, sy))
+
+    test_images = test.images[task.query]
+    adapted_metrics, scratch_metrics, difference = paired_bootstrap(
+        task.query_y, model.probabilities(test_images), scratch.probabilities(test_images), seed=seed
+    )
+    card = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "source": {"meta_model": str(meta.weights), "sha256": meta.sha256, "run_config": meta.cfg.to_flat()},
+        "hospital": {
+            "classes": list(data.label_names),
+            "train_scans": len(train),
+            "test_scans": len(test),
+            "test_scans_by_label": {name: int((test.labels == c).sum()) for c, name in enumerate(data.label_names)},
+            "skipped_files": len(data.report.skipped),
+        },
+        "shots_per_class": shots,
+        "seed": seed,
+        "head": head,
+        "validation": {
+            "method": f"leave-one-shot-per-class-out over the {shots * classes} shots ({shots} folds)",
+            "score": "out-of-fold balanced accuracy, ties broken by lower log-loss",
+            "candidates": {c.name: {"recipe": c.recipe(), **validation[c.name]} for c in options},
+            "chosen": chosen.name,
+            "seconds": round(time.perf_counter() - started, 2),
+        },
+        "heldout": {
+            "scans": len(task.query),
+            "adapted": adapted_metrics,
+            "scratch": scratch_metrics,
+            "scratch_candidate": baseline.name,
+            "adapted_minus_scratch": difference,
+            "intervals": f"95% percentile, {BOOTSTRAP_RESAMPLES} bootstrap resamples of the held-out scans "
+            f"stratified by class, paired for the difference, seed {seed}",
+        },
+        **model.header(),
+    }
+    return AdaptResult(model, card)
+
+
+def summary(card: dict[str, Any]) -> str:
+    """The card as a short table: candidates and their validation scores, then held-out metrics with intervals."""
+    validation, heldout = card["validation"], card["heldout"]
+    lines = [
+        f"{len(card['hospital']['classes'])} classes, {card['shots_per_class']} shots per class; head {card['head']}",
+        "",
+        f"validation ({validation['method']})",
+        f"  {'candidate':<20} {'bal-acc':>8} {'log-loss':>9}",
+    ]
+    for name, scores in validation["candidates"].items():
+        mark = "  <- chosen" if name == validation["chosen"] else ""
+        lines.append(f"  {name:<20} {scores['balanced-accuracy']:>8.3f} {scores['log-loss']:>9.3f}{mark}")
+
+    def cell(estimate: dict[str, Any], sign: str = "") -> str:
+        low, high = estimate["ci95"]
+        return f"{estimate['value']:{sign}.3f} [{low:{sign}.3f}, {high:{sign}.3f}]"
+
+    lines += [
+        "",
+        f"held-out test split: {heldout['scans']} scans (95% bootstrap intervals)",
+        f"  {'metric':<18} {'adapted':>22} {heldout['scratch_candidate']:>22} {'adapted - scratch':>22}",
+    ]
+    for metric in heldout["adapted"]:
+        adapted, scratch = cell(heldout["adapted"][metric]), cell(heldout["scratch"][metric])
+        difference = cell(heldout["adapted_minus_scratch"][metric], "+")
+        lines.append(f"  {metric:<18} {adapted:>22} {scratch:>22} {difference:>22}")
+    return "\n".join(lines)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "adapt",
+        help="adapt the meta-model to a new hospital from K labelled scans per class",
+        description="Adapt the meta-model to a new hospital: choose how by cross-validation over K labelled scans "
+        "per class, train on them, evaluate once on the hospital's test split, write the model and its card.",
+    )
+    parser.add_argument(
+        "--model", type=Path, required=True, metavar="RUN_DIR_OR_MODEL", help="run folder or its meta-model.safetensors"
+    )
+    parser.add_argument(
+        "--hospital", type=Path, required=True, metavar="HOSPITAL_DIR", help="the new hospital's folder"
+    )
+    parser.add_argument("--shots", type=int, required=True, metavar="K", help="labelled scans per class to use")
+    parser.add_argument("--out", type=Path, required=True, metavar="MODEL_OUT", help="folder to write the model in")
+    parser.add_argument("--seed", type=int, default=0, help="draws the shots, the fresh init and the bootstrap")
+    parser.add_argument("--json", action="store_true", help="print the model card as one JSON object")
+    parser.set_defaults(handler=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    check_model_folder(args.out)
+    meta = load_meta_model(args.model)
+    preprocess = preprocess_for(meta.cfg)
+    data = load_hospital(args.hospital, preprocess, progress=not args.json)
+    if not args.json:
+        print("choosing how to adapt by cross-validation over the shots ...", file=sys.stderr, flush=True)
+    result = adapt_hospital(meta, data, args.shots, args.seed, preprocess)
+    weights = save_adapted_model(args.out, result.model, result.card)
+    if args.json:
+        print(json.dumps(result.card, indent=1))
+    else:
+        print(summary(result.card))
+        print(f"\nwrote {weights} and {weights.parent / CARD_FILE}")
+    return 0

@@ -1,0 +1,295 @@
+"""fedmeta adapt and predict: a new hospital's own model from the meta-model, its file format, its predictions."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save
+
+from client.hospital import preprocess_for
+from shared.adapt import Candidate, adapt_hospital, fit, load_meta_model, meta_init_for
+from shared.adapted_model import CARD_FILE, WEIGHTS_FILE, AdaptedModel, load_adapted_model, save_adapted_model
+from shared.cli import main
+from shared.config import FedMetaConfig, ModelConfig
+from shared.dicom import PreprocessConfig
+from shared.errors import UserError
+from shared.evaluation import adapt_and_predict, few_shot_tasks
+from shared.hospital import SECRET_NAME, STATE_FOLDER, load_hospital, record_id
+from shared.maml import INNER_LR_PREFIX, MetaLearner
+from shared.models import build_model
+from shared.synthetic import write_synthetic_hospital
+from simulations.bench_adapt import meta_train, write_run_dir
+from simulations.heldout import HELDOUT_SEED_OFFSET
+from tests.shared_data import shared_data
+
+# Small and honest: MAML's query loss stays flat for about the first 100 steps at this size, so 150 steps
+# of 8 second-order episodes (about a minute on 2 cores) is the least that trains a meta-model at all.
+META_CFG = FedMetaConfig().replace(model={"width": 16}, episode={"meta_batch": 8, "q_query": 5})
+META_STEPS, META_LR = 150, 3e-3
+TRAINING_HOSPITALS = 6
+SHOTS = 5
+
+
+def run_cli(*argv: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in argv])
+    return code, out.getvalue(), err.getvalue()
+
+
+def fixed_split(folder: Path) -> Path:
+    """Give the hospital a fixed site secret: its default train/test split is keyed by it, so it is the same
+    split on every run (a new folder otherwise gets a random secret, and a random split)."""
+    secret = folder / STATE_FOLDER / SECRET_NAME
+    secret.parent.mkdir(exist_ok=True)
+    secret.write_text(hashlib.sha256(folder.name.encode()).hexdigest())
+    return folder
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("adapt")
+
+
+@pytest.fixture(scope="module")
+def meta_run(work: Path) -> Path:
+    """A meta-model trained without Flower on synthetic hospitals 0-5, saved as a run folder."""
+    preprocess = preprocess_for(META_CFG)
+    folders = [fixed_split(write_synthetic_hospital(work / "train", i, seed=0)) for i in range(TRAINING_HOSPITALS)]
+    hospitals = [load_hospital(folder, preprocess) for folder in folders]
+    params = meta_train(hospitals, META_CFG, META_STEPS, META_LR, seed=0)
+    return write_run_dir(work / "run", params, META_CFG, note="tests/test_adapt.py")
+
+
+@pytest.fixture(scope="module")
+def new_hospital(work: Path) -> Path:
+    """The first held-out hospital of the synthetic federation: its own seed stream, scanner and label set."""
+    return fixed_split(write_synthetic_hospital(work / "heldout", 0, seed=HELDOUT_SEED_OFFSET, n_images=240))
+
+
+@pytest.fixture(scope="module")
+def adapted(meta_run: Path, new_hospital: Path, work: Path) -> tuple[Path, dict]:
+    out = work / "adapted"
+    code, stdout, stderr = run_cli(
+        "adapt", "--model", meta_run, "--hospital", new_hospital, "--shots", SHOTS, "--out", out, "--json"
+    )
+    assert code == 0, stderr
+    card = json.loads(stdout)
+    assert card == json.loads((out / CARD_FILE).read_text())
+    return out, card
+
+
+def tiny_model(tmp_path: Path, label_names: tuple[str, ...] = ("benign", "malignant")) -> Path:
+    torch.manual_seed(0)
+    model_cfg = ModelConfig(width=8, n_way=len(label_names))
+    params = {n: p.detach() for n, p in build_model(model_cfg).named_parameters()}
+    model = AdaptedModel(params, label_names, model_cfg, PreprocessConfig(image_size=28, channels=1))
+    save_adapted_model(tmp_path / "model", model, card={"note": "untrained"})
+    return tmp_path / "model"
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_adapt_beats_scratch_on_a_hospital_that_never_took_part_in_training(
+    adapted: tuple[Path, dict], meta_run: Path
+) -> None:
+    _, card = adapted
+    heldout = card["heldout"]
+    assert heldout["adapted"]["balanced-accuracy"]["value"] > heldout["scratch"]["balanced-accuracy"]["value"]
+    assert heldout["adapted_minus_scratch"]["balanced-accuracy"]["value"] > 0
+    for model in ("adapted", "scratch", "adapted_minus_scratch"):
+        for metric in ("accuracy", "balanced-accuracy"):
+            estimate = heldout[model][metric]
+            assert estimate["ci95"][0] <= estimate["value"] <= estimate["ci95"][1]
+    # the card says where the model came from and how it was chosen
+    assert card["source"]["sha256"] == load_meta_model(meta_run).sha256
+    assert FedMetaConfig.from_flat(card["source"]["run_config"]) == META_CFG
+    assert card["shots_per_class"] == SHOTS
+    candidates = card["validation"]["candidates"]
+    assert card["validation"]["chosen"] in candidates and heldout["scratch_candidate"] in candidates
+    assert {name.split("-")[0] for name in candidates} == {"inner", "fine", "scratch"}
+    assert all(0 <= scores["balanced-accuracy"] <= 1 and scores["log-loss"] > 0 for scores in candidates.values())
+    # the new hospital has its own 3 labels; the meta-model is 2-way
+    assert card["label_names"] == ["nodule", "normal", "ring"]
+    assert card["head"].startswith("re-initialised")
+
+
+def test_adapt_chooses_and_trains_without_looking_at_the_test_split(
+    adapted: tuple[Path, dict], meta_run: Path, new_hospital: Path
+) -> None:
+    out, card = adapted
+    meta = load_meta_model(meta_run)
+    preprocess = preprocess_for(meta.cfg)
+    data = load_hospital(new_hospital, preprocess)
+    test = data.splits == "test"
+    scrambled = dataclasses.replace(
+        data,
+        images=np.where(
+            test[:, None, None, None], np.random.default_rng(1).random(data.images.shape, dtype=np.float32), data.images
+        ),
+        labels=np.where(test, np.random.default_rng(2).permutation(data.labels), data.labels),
+    )
+    again = adapt_hospital(meta, scrambled, SHOTS, seed=0, preprocess=preprocess)
+    assert again.card["validation"]["candidates"] == card["validation"]["candidates"]
+    saved = load_adapted_model(out)
+    for name, p in again.model.params.items():
+        torch.testing.assert_close(p, saved.params[name], rtol=0, atol=0)
+
+
+def test_predict_gives_the_evaluation_paths_predictions_for_the_same_scans(
+    adapted: tuple[Path, dict], new_hospital: Path, tmp_path: Path
+) -> None:
+    out, card = adapted
+    code, stdout, stderr = run_cli("predict", "--model", out, new_hospital, "--csv", tmp_path / "p.csv")
+    assert code == 0, stderr
+    rows = read_csv(tmp_path / "p.csv")
+    assert stdout == (tmp_path / "p.csv").read_text()
+    assert "skipped" in stderr and "labels.csv" in stderr  # the manifest is listed, not a crash
+
+    model = load_adapted_model(out)
+    data = load_hospital(new_hospital, model.preprocess)
+    train, test = data.split("train"), data.split("test")
+    task = few_shot_tasks(train.labels, test.labels, len(data.label_names), SHOTS, tasks=1, seed=0)[0]
+    evaluated = adapt_and_predict(
+        model.learner, model.params, task, torch.from_numpy(train.images), torch.from_numpy(test.images), steps=0
+    )
+    by_record = {record_id(row["sop_instance_uid"], int(row["frame"])): row for row in rows}
+    assert len(by_record) == len(rows) == len(data)
+    predicted = [by_record[test.record_ids[i]] for i in task.query]
+    columns = [f"p:{name}" for name in model.label_names]
+    np.testing.assert_allclose([[float(r[c]) for c in columns] for r in predicted], evaluated, atol=1e-6)
+    assert [r["predicted_label"] for r in predicted] == [model.label_names[i] for i in evaluated.argmax(-1)]
+    # and they are the scans the card's held-out accuracy was measured on
+    correct = np.mean([r["predicted_label"] == data.label_names[test.labels[i]] for r, i in zip(predicted, task.query)])
+    assert correct == pytest.approx(card["heldout"]["adapted"]["accuracy"]["value"])
+
+
+def test_predict_on_wild_dicoms_predicts_every_decodable_image_and_lists_the_broken_ones(tmp_path: Path) -> None:
+    ok, broken = shared_data("dicom-wild", "ok"), shared_data("dicom-wild", "broken")
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "notes.txt").write_text("not an image\n")
+    (junk / "truncated.dcm").write_bytes((ok / "pylibjpeg-data__CT_small.dcm").read_bytes()[:2000])
+    model = tiny_model(tmp_path)
+
+    code, _, stderr = run_cli("predict", "--model", model, ok, broken, junk, "--csv", tmp_path / "p.csv")
+    assert code == 0
+    assert "Traceback" not in stderr
+    rows = read_csv(tmp_path / "p.csv")
+    assert list(rows[0]) == ["sop_instance_uid", "frame", "predicted_label", "p:benign", "p:malignant"]
+    keys = {(row["sop_instance_uid"], int(row["frame"])) for row in rows}
+    assert len(keys) == len(rows)  # one row per instance and frame
+
+    skipped = {
+        line.split(": ", 1)[0].removeprefix("skipped "): line
+        for line in stderr.splitlines()
+        if line.startswith("skipped ")
+    }
+    for path in sorted(ok.glob("*.dcm")):
+        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+        uid = str(ds.get("SOPInstanceUID") or "")
+        if uid:
+            frames = int(ds.get("NumberOfFrames") or 1)
+            predicted = (uid, frames // 2) in keys  # the reader's default frame: the middle one
+            assert predicted or "(a copy)" in skipped[str(path)], path.name
+        else:
+            assert any(key.startswith("content:") for key, _ in keys)
+    for path in sorted(broken.glob("*.dcm")):
+        assert "could not be decoded" in skipped[str(path)]
+    assert "not a DICOM file" in skipped[str(junk / "notes.txt")]
+    assert str(junk / "truncated.dcm") in skipped
+    text = (tmp_path / "p.csv").read_text()
+    assert ".dcm" not in text and "dicom-wild" not in text  # no file paths
+
+
+def test_predict_refuses_a_model_of_another_format_version(tmp_path: Path) -> None:
+    model = tiny_model(tmp_path)
+    weights = model / WEIGHTS_FILE
+    with safe_open(weights, framework="pt") as f:
+        metadata, tensors = f.metadata(), {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
+    weights.write_bytes(save(tensors, metadata={**metadata, "format_version": "2"}))
+
+    with pytest.raises(UserError, match="format version 2 and this fedmeta reads version 1; upgrade fedmeta"):
+        load_adapted_model(model)
+    code, _, stderr = run_cli("predict", "--model", model, shared_data("dicom-wild", "ok"))
+    assert code == 2 and len(stderr.strip().splitlines()) == 1
+
+
+def test_predict_refuses_a_model_whose_preprocessing_the_reader_no_longer_gives(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = tiny_model(tmp_path)
+    monkeypatch.setattr("shared.dicom.READER_VERSION", 2)  # the DICOM reader changed since the model was made
+    with pytest.raises(UserError, match=r"preprocessed with fingerprint .*re-run fedmeta adapt"):
+        load_adapted_model(model)
+    code, _, stderr = run_cli("predict", "--model", model, shared_data("dicom-wild", "ok"))
+    assert code == 2 and "fingerprint" in stderr and len(stderr.strip().splitlines()) == 1
+
+
+def test_predict_refuses_a_file_that_is_not_an_adapted_model(meta_run: Path) -> None:
+    with pytest.raises(UserError, match="is not a fedmeta adapted model"):
+        load_adapted_model(meta_run / "meta-model.safetensors")
+
+
+def test_inner_loop_candidate_is_the_meta_training_inner_loop() -> None:
+    cfg = FedMetaConfig().replace(model={"width": 8}, maml={"meta_sgd": True})
+    torch.manual_seed(0)
+    learner = MetaLearner(build_model(cfg.model), cfg.maml)
+    meta = learner.init_meta_params()
+    images, labels = torch.rand(12, 1, 28, 28), np.repeat([0, 1], 6)
+    task = few_shot_tasks(labels, labels, n_way=2, k_shot=3, tasks=1, seed=0)[0]
+    candidate = Candidate("inner-loop-4", "inner-loop", meta, steps=4)
+    params = fit(learner, candidate, images[task.support], torch.from_numpy(task.support_y))
+    with torch.no_grad():
+        probs = learner.logits(params, images[task.query]).softmax(-1).numpy()
+    np.testing.assert_allclose(probs, adapt_and_predict(learner, meta, task, images, images, steps=4), atol=1e-6)
+
+
+def test_head_is_kept_for_as_many_classes_and_reset_for_another_number(meta_run: Path) -> None:
+    meta = load_meta_model(meta_run)
+    same, note = meta_init_for(meta, classes=2)
+    torch.testing.assert_close(same["head.weight"], meta.params["head.weight"])
+    assert note.startswith("meta-learned")
+    meta_sgd = dataclasses.replace(
+        meta,
+        cfg=meta.cfg.replace(maml={"meta_sgd": True}),
+        params={**meta.params, **{INNER_LR_PREFIX + n: torch.rand_like(p) for n, p in meta.params.items()}},
+    )
+    four, note = meta_init_for(meta_sgd, classes=4)
+    assert four["head.weight"].shape[0] == 4 and not four["head.weight"].any()
+    assert four[INNER_LR_PREFIX + "head.bias"].shape == (4,)
+    torch.testing.assert_close(
+        four[INNER_LR_PREFIX + "head.bias"], meta_sgd.params[INNER_LR_PREFIX + "head.bias"].mean().expand(4)
+    )
+    torch.testing.assert_close(four["backbone.0.0.weight"], meta.params["backbone.0.0.weight"])
+    assert note.startswith("re-initialised")
+
+
+def test_adapt_refuses_impossible_shot_counts_with_one_line(meta_run: Path, new_hospital: Path, work: Path) -> None:
+    for shots, message in (("1", "use 2 or more"), ("1000", "lower --shots or label more")):
+        code, _, stderr = run_cli(
+            "adapt", "--model", meta_run, "--hospital", new_hospital, "--shots", shots, "--out", work / "x", "--json"
+        )
+        assert code == 2 and message in stderr and len(stderr.strip().splitlines()) == 1
+
+
+def test_adapt_refuses_a_run_folder_without_its_config(tmp_path: Path, meta_run: Path, new_hospital: Path) -> None:
+    (tmp_path / "meta-model.safetensors").write_bytes((meta_run / "meta-model.safetensors").read_bytes())
+    code, _, stderr = run_cli(
+        "adapt", "--model", tmp_path, "--hospital", new_hospital, "--shots", SHOTS, "--out", tmp_path / "o", "--json"
+    )
+    assert code == 2 and "model-card.json does not exist" in stderr

@@ -35,7 +35,7 @@ def tiny_config(**sections: dict) -> FedMetaConfig:
 
 @pytest.fixture(scope="module")
 def hospital_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_synthetic_hospital(tmp_path_factory.mktemp("federation"), 0, seed=0, n_images=60)
+    return write_synthetic_hospital(tmp_path_factory.mktemp("federation"), 0, seed=0, n_images=120)
 
 
 def clipped_sum(hospital: Hospital, keep: np.ndarray, units: list[str], c: float, step_seed: int) -> torch.Tensor:
@@ -46,6 +46,8 @@ def clipped_sum(hospital: Hospital, keep: np.ndarray, units: list[str], c: float
     groups = episode_groups([units[i] for i in keep], "ab" * 32, privacy.episode_groups)
     episodes = sampled_group_episodes(groups, labels, privacy, 2, 2, 2, step_seed)
     params = hospital.learner.init_meta_params()
+    if not episodes:  # no group could form an episode: the sum is empty
+        return torch.zeros(sum(p.numel() for p in params.values()))
     outer = hospital.learner.per_episode_outer_grads(params, stack_episodes(images, episodes))
     summed = PrivateRelease(params, NoiseCalibration(1.0, c), expected_episodes=4).clipped_sum(outer)
     return torch.cat([g.flatten() for g in summed.values()])

@@ -38,8 +38,8 @@ def reply_shape(reply: Message) -> dict[str, Any]:
 class ReplyCapture(MetaGradientStrategy):
     def _capture(self, message_type: str, replies: list[Message]) -> None:
         with open(self.run_dir / CAPTURE_FILE, "a") as f:
-            for reply in replies:
-                line = {"round": self.record["round"], "type": message_type, "hospital": self._sender(reply)}
+            for hospital, reply in self._by_sender(replies):
+                line = {"round": self.record["round"], "type": message_type, "hospital": hospital}
                 f.write(json.dumps(line | reply_shape(reply)) + "\n")
 
     def aggregate_train(

@@ -168,10 +168,10 @@ class MetaGradientStrategy(FedAvg):
         self._sent = self._messages(chosen, arrays, MessageType.EVALUATE, server_round + self.round_offset)
         return self._sent
 
-    def _sender(self, reply: Message) -> str:
+    def _by_sender(self, replies: Iterable[Message]) -> list[tuple[str, Message]]:
         # errors the SuperLink makes itself (node gone, reply expired) come from node 1: map them back
         sent = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent}
-        return hospital_label(sent.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id))
+        return [(hospital_label(sent.get(r.metadata.reply_to_message_id, r.metadata.src_node_id)), r) for r in replies]
 
     # -- aggregation ---------------------------------------------------------------------
 
@@ -198,8 +198,7 @@ class MetaGradientStrategy(FedAvg):
         accepted: list[tuple[dict[str, np.ndarray], dict[str, float]]] = []
         rejected, refused = [], []
         answered = set()
-        for reply in replies:
-            hospital = self._sender(reply)
+        for hospital, reply in self._by_sender(replies):
             answered.add(hospital)
             if reply.has_error():
                 reason = first_line(reply.error.reason)
@@ -288,8 +287,7 @@ class MetaGradientStrategy(FedAvg):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         per_hospital = {}
-        for reply in replies:
-            hospital = self._sender(reply)
+        for hospital, reply in self._by_sender(replies):
             if reply.has_error():
                 log.warning("evaluation from %s failed: %s", hospital, first_line(reply.error.reason))
                 continue

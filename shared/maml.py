@@ -60,12 +60,6 @@ class EpisodeBatch:
         """Episode ``i`` alone, without the leading episode dimension."""
         return EpisodeBatch(self.support_x[i], self.support_y[i], self.query_x[i], self.query_y[i])
 
-    def select(self, index: int | slice | Tensor) -> EpisodeBatch:
-        """Episodes at ``index``, keeping the leading episode dimension."""
-        if isinstance(index, int):
-            index = slice(index, index + 1)
-        return EpisodeBatch(self.support_x[index], self.support_y[index], self.query_x[index], self.query_y[index])
-
 
 @dataclass(frozen=True)
 class OuterGrads:

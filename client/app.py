@@ -72,9 +72,14 @@ def receive_params(msg: Message, hospital: Hospital) -> Params:
     return {name: torch.from_numpy(np.array(a)) for name, a in arrays.items()}
 
 
+def server_round(msg: Message) -> int:
+    config = msg.content.config_records.get(CONFIG_KEY)
+    return int(config["server-round"]) if config and "server-round" in config else 0
+
+
 def _handle(msg: Message, context: Context, work: Callable[[Hospital, Params, Message], Message]) -> Message:
     try:
-        cfg = hospital_config(context)
+        cfg = hospital_config(context).for_round(server_round(msg))
         hospital = Hospital(hospital_folder(context, cfg), cfg, pick_device())
         params = receive_params(msg, hospital)
     except WireError as err:
@@ -101,8 +106,7 @@ def _unavailable(msg: Message, reason: str) -> Message:
 
 
 def _train_reply(hospital: Hospital, params: Params, msg: Message) -> Message:
-    config = msg.content.config_records.get(CONFIG_KEY)
-    outcome = hospital.train(params, server_round=int(config["server-round"]) if config else 0)
+    outcome = hospital.train(params, server_round=server_round(msg))
     if isinstance(outcome, BudgetExhausted):
         log.warning("%s", outcome)
         return Message(Error(REFUSED_BUDGET, str(outcome)), reply_to=msg)

@@ -22,7 +22,16 @@ from client.ledger import BudgetExhausted, PrivacyLedger
 from client.privacy import NoiseCalibration, PrivateRelease, calibrate_accountant_noise
 from shared.config import FedMetaConfig, PrivacyConfig
 from shared.dicom import PreprocessConfig
-from shared.episodes import EpisodeIndices, EpisodeSampler, fitting_query_count, stack_episodes
+from shared.episodes import (
+    MAML_TASKS,
+    EpisodeIndices,
+    EpisodeSampler,
+    TaskDesign,
+    finish_episode,
+    fitting_query_count,
+    stack_episodes,
+    task_pools,
+)
 from shared.evaluation import FewShotTask, adapt_and_predict, classification_metrics, few_shot_tasks
 from shared.hospital import HospitalData, load_hospital
 from shared.maml import MetaLearner, OuterGrads, Params
@@ -53,31 +62,31 @@ def episode_groups(units: list[str], grouping_key: str, n_groups: int) -> np.nda
 
 
 def group_episode(
-    members: np.ndarray, labels: np.ndarray, n_way: int, k_shot: int, q_query: int, rng: np.random.Generator
+    members: np.ndarray,
+    labels: np.ndarray,
+    n_way: int,
+    k_shot: int,
+    q_query: int,
+    rng: np.random.Generator,
+    design: TaskDesign = MAML_TASKS,
 ) -> EpisodeIndices | None:
-    """An episode from one group's records only: ``None`` when the group has fewer than ``n_way``
-    classes with two records (its clipped gradient is then zero).
+    """An episode from one group's records only: ``None`` when the group cannot form the task with
+    two records per episode label (its clipped gradient is then zero).
 
-    Each chosen class's records are split in two disjoint halves; support and query draw from their
+    Each episode label's records are split in two disjoint halves; support and query draw from their
     half with replacement, so small groups still give fixed-shape episodes and a record never
     appears in both sets.
     """
-    classes, counts = np.unique(labels[members], return_counts=True)
-    usable = classes[counts >= 2]
-    if len(usable) < n_way:
+    pools = task_pools(members, labels, n_way, 2, design, rng)
+    if pools is None:
         return None
     support, query = [], []
-    for c in rng.choice(usable, size=n_way, replace=False):
-        records = rng.permutation(members[labels[members] == c])
+    for pool in pools:
+        records = rng.permutation(pool)
         half = len(records) // 2
         support.append(rng.choice(records[:half], size=k_shot))
         query.append(rng.choice(records[half:], size=q_query))
-    return EpisodeIndices(
-        support=np.concatenate(support),
-        support_y=np.repeat(np.arange(n_way), k_shot),
-        query=np.concatenate(query),
-        query_y=np.repeat(np.arange(n_way), q_query),
-    )
+    return finish_episode(support, query, design, rng)
 
 
 def sampled_group_episodes(
@@ -88,6 +97,7 @@ def sampled_group_episodes(
     k_shot: int,
     q_query: int,
     step_seed: int,
+    design: TaskDesign = MAML_TASKS,
 ) -> list[EpisodeIndices]:
     """Poisson-sample episode groups and build one episode from each sampled group.
 
@@ -98,7 +108,7 @@ def sampled_group_episodes(
     episodes = []
     for g in sampled:
         group_rng = np.random.default_rng([step_seed, 1, int(g)])
-        episode = group_episode(np.flatnonzero(groups == g), labels, n_way, k_shot, q_query, group_rng)
+        episode = group_episode(np.flatnonzero(groups == g), labels, n_way, k_shot, q_query, group_rng, design)
         if episode is not None:
             episodes.append(episode)
     return episodes
@@ -163,6 +173,7 @@ class Hospital:
                 self.cfg.episode.k_shot,
                 queries,
                 seed=int(rng.integers(2**63)),
+                design=TaskDesign.of(self.cfg.episode),
             )
             outers = [
                 self.learner.per_episode_outer_grads(
@@ -205,7 +216,14 @@ class Hospital:
         """One clipped-to-be gradient per Poisson-sampled group that can form an episode."""
         episode = self.cfg.episode
         episodes = sampled_group_episodes(
-            groups, labels, privacy, self.cfg.model.n_way, episode.k_shot, episode.q_query, int(rng.integers(2**63))
+            groups,
+            labels,
+            privacy,
+            self.cfg.model.n_way,
+            episode.k_shot,
+            episode.q_query,
+            int(rng.integers(2**63)),
+            TaskDesign.of(episode),
         )
         if not episodes:  # an empty step: zero rows clip to zero and add nothing to the sum
             zeros = {n: torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device) for n, p in meta_params.items()}

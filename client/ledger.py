@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import json
 import secrets
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from client.privacy import make_accountant
+from client.privacy import spent_epsilon
 from shared.atomic import atomic_write_json
 from shared.config import Accountant, PrivacyConfig
 from shared.errors import UserError
@@ -81,14 +80,7 @@ class PrivacyLedger:
         return ledger
 
     def epsilon(self, extra: tuple[float, float, int] | None = None) -> float:
-        history = self.history + ([extra] if extra else [])
-        if not history:
-            return 0.0
-        accountant = make_accountant(self.accountant_kind)
-        accountant.history = list(history)
-        with warnings.catch_warnings():  # "optimal order is the largest alpha": the bound is valid, just loose
-            warnings.simplefilter("ignore", UserWarning)
-            return float(accountant.get_epsilon(delta=self.delta))
+        return spent_epsilon(self.accountant_kind, self.history + ([extra] if extra else []), self.delta)
 
     def check(self, noise_multiplier: float, sample_rate: float) -> BudgetExhausted | None:
         """``None`` when one more step fits the budget, else why not."""

@@ -21,6 +21,7 @@ Accountant = Literal["rdp", "prv"]
 Aggregation = Literal["episodes", "uniform"]
 ServerOptimizer = Literal["adam", "sgd"]
 LrSchedule = Literal["constant", "cosine"]
+TaskKind = Literal["class-subsets", "one-vs-rest"]
 
 
 class ConfigError(UserError, ValueError):
@@ -68,6 +69,13 @@ class EpisodeConfig:
     meta_batch: int = 16
     eval_episodes: int = 20
     eval_steps: int = 10
+    # How training tasks are made from a hospital's labels (each a switch; see shared.episodes):
+    # N-way class subsets or one class against the rest, ...
+    tasks: TaskKind = "class-subsets"
+    # ... episode labels in random order (the head cannot memorise classes) or in class order ...
+    permute_labels: bool = True
+    # ... and, optionally, each episode seen through its own random scanner (a pseudo-task).
+    augment: bool = False
 
     def __post_init__(self) -> None:
         if min(self.k_shot, self.q_query, self.meta_batch, self.eval_episodes) < 1 or self.eval_steps < 0:
@@ -111,6 +119,9 @@ class PrivacyConfig:
 @dataclass(frozen=True)
 class ServerConfig:
     rounds: int = 3
+    # Rounds 1..pretrain-rounds train FedAvg-style (supervised gradients, classes in fixed order, no
+    # inner loop); meta-learning starts from that model ("pretrain then meta-train").
+    pretrain_rounds: int = 0
     fraction_train: float = 1.0
     min_train_nodes: int = 2
     # Training hospitals asked for few-shot metrics on their own held-out split after each round.
@@ -137,6 +148,8 @@ class ServerConfig:
     capture_replies: bool = False
 
     def __post_init__(self) -> None:
+        if self.pretrain_rounds < 0:
+            raise ConfigError(f"server.pretrain-rounds={self.pretrain_rounds}: must be >= 0")
         if min(self.rounds, self.local_steps, self.min_train_nodes, self.eval_every) < 1:
             raise ConfigError(
                 "server.rounds, server.local-steps, server.min-train-nodes and server.eval-every must be >= 1"
@@ -168,6 +181,13 @@ class FedMetaConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
 
+    def __post_init__(self) -> None:
+        if self.episode.tasks == "one-vs-rest" and self.model.n_way != 2:
+            raise ConfigError(
+                f"episode.tasks=one-vs-rest makes 2-way tasks but model.n-way={self.model.n_way}; "
+                "set model.n-way=2 or episode.tasks=class-subsets"
+            )
+
     @classmethod
     def from_flat(cls, flat: dict[str, Any]) -> FedMetaConfig:
         """Build from dotted keys (``maml.inner-steps``); unknown keys are an error."""
@@ -195,6 +215,16 @@ class FedMetaConfig:
             else:
                 flat[f.name.replace("_", "-")] = value
         return flat
+
+    def for_round(self, server_round: int) -> FedMetaConfig:
+        """The settings a hospital trains round ``server_round`` with: FedAvg-style during pretraining."""
+        if server_round > self.server.pretrain_rounds or server_round < 1:
+            return self
+        return self.supervised()
+
+    def supervised(self) -> FedMetaConfig:
+        """Plain supervised gradients on class-balanced batches: MAML with no inner loop and fixed labels."""
+        return self.replace(maml={"inner_steps": 0}, episode={"permute_labels": False})
 
     def replace(self, **sections: Any) -> FedMetaConfig:
         """Copy with some fields of some sections changed: ``cfg.replace(maml={"order": "first"})``."""

@@ -13,6 +13,7 @@ BENCHMARKS: dict[str, str] = {
     "ingest": "simulations.bench_ingest",
     "scale": "simulations.bench_scale",
     "adapt": "simulations.bench_adapt",
+    "quality": "simulations.bench_quality",
 }
 
 
@@ -31,6 +32,8 @@ def _run(module: Any, args: argparse.Namespace) -> int:
     result = module.run(args)
     if args.json:
         print(json.dumps(result, indent=2))
+    elif hasattr(module, "table"):
+        print(module.table(result))
     else:
         for key, value in result.items():
             print(f"{key:>24}: {json.dumps(value)}")

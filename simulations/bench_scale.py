@@ -1,9 +1,16 @@
 """Simulation scale and communication: round time, peak memory and bytes per hospital as the
 federation grows with the same number of hospitals sampled per round.
 
-Each size is a full ``fedmeta simulate`` run (SuperLink, ``flwr run``, Ray) on synthetic
-hospitals written on first use; only sampled hospitals cost anything. Round time is the median
-over the rounds after the first (the first pays for Ray's start-up).
+Each size is a full ``fedmeta simulate`` run (SuperLink, ``flwr run``, Ray); only sampled hospitals
+cost anything. Round time is the median over the rounds after the first (the first pays for Ray's
+start-up). Two kinds of federation (``--federation``):
+
+- ``linked`` (default): hospital data already on disk, as in a real federation. ``--clients-per-round``
+  synthetic hospitals are written and ingested once, before any timing; every hospital of every size
+  is a link to one of them, with its own privacy ledger. Round time then measures the federation.
+- ``new``: every hospital is written as synthetic DICOM and ingested the first time it is sampled.
+  At 1,000 hospitals nearly every sampled hospital is new, so round time includes that first-use
+  cost (``first_use_seconds`` per hospital, measured here), which a 10-hospital run pays in round 1 only.
 """
 
 from __future__ import annotations
@@ -11,12 +18,17 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 from safetensors.torch import load_file
 
 from server.report import read_metrics
+from shared.config import FedMetaConfig
+from shared.dicom import PreprocessConfig
+from shared.hospital import load_hospital
+from shared.synthetic import hospital_name, write_synthetic_hospital
 from simulations.simulate import run_simulation, simulation_config
 
 
@@ -24,16 +36,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sizes", default="10,100,1000", help="comma-separated federation sizes")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--clients-per-round", type=int, default=10)
+    parser.add_argument("--federation", choices=("linked", "new"), default="linked", help="see the module docstring")
     parser.add_argument("--work-dir", type=Path, default=None, help="keep the runs here (default: temporary)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="run settings for every size")
 
 
-def measure(size: int, args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
+def written_hospitals(count: int, folder: Path) -> float:
+    """Write and ingest ``count`` synthetic hospitals under ``folder``; seconds per hospital."""
+    model = FedMetaConfig().model
+    preprocess = PreprocessConfig(image_size=model.image_size, channels=model.in_channels)
+    started = time.perf_counter()
+    for index in range(count):
+        load_hospital(write_synthetic_hospital(folder, index, seed=0), preprocess)
+    return (time.perf_counter() - started) / count
+
+
+def linked_federation(size: int, base: Path, base_count: int, work_dir: Path) -> Path:
+    federation = work_dir / f"federation-{size}"
+    federation.mkdir(parents=True, exist_ok=True)
+    for index in range(size):
+        link = federation / hospital_name(index)
+        if not link.is_symlink():
+            link.symlink_to(base / hospital_name(index % base_count), target_is_directory=True)
+    return federation
+
+
+def measure(size: int, args: argparse.Namespace, work_dir: Path, federation: Path | None) -> dict[str, Any]:
     sim_args = argparse.Namespace(
         hospitals=size,
         rounds=args.rounds,
         clients_per_round=min(args.clients_per_round, size),
-        data=None,
+        data=federation,
         method="fedmeta",
         no_dp=False,
         out=work_dir / f"scale-{size}",
@@ -62,9 +95,15 @@ def measure(size: int, args: argparse.Namespace, work_dir: Path) -> dict[str, An
 def run(args: argparse.Namespace) -> dict[str, Any]:
     sizes = [int(s) for s in args.sizes.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
-        work_dir = args.work_dir or Path(tmp)
-        results = [measure(size, args, work_dir) for size in sizes]
+        work_dir = (args.work_dir or Path(tmp)).resolve()
+        base_count = args.clients_per_round
+        first_use = written_hospitals(base_count, work_dir / "base")
+        results = []
+        for size in sizes:
+            linked = args.federation == "linked"
+            federation = linked_federation(size, work_dir / "base", base_count, work_dir) if linked else None
+            results.append(measure(size, args, work_dir, federation))
     base = results[0]["median_round_seconds"]
     for r in results:
         r["round_time_vs_smallest"] = round(r["median_round_seconds"] / base, 3)
-    return {"runs": results}
+    return {"federation": args.federation, "first_use_seconds": round(first_use, 2), "runs": results}

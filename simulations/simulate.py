@@ -9,6 +9,7 @@ hospitals' privacy ledgers in its own folder.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import threading
 import time
@@ -25,12 +26,23 @@ from shared.flower_processes import stop_process_tree
 from simulations.launcher import flwr_run, simulation_superlink
 
 HELDOUT_METHODS = ("meta", "meta+fine-tune", "scratch")
+_MAML = {"maml.order": "second", "maml.anil": False, "maml.meta-sgd": False}
+# Every method is a preset of run settings over the same app; ``--set`` still wins.
 METHODS: dict[str, dict[str, Any]] = {
-    "fedmeta": {"maml.order": "second", "maml.anil": False, "maml.meta-sgd": False},
-    "fedmeta-first-order": {"maml.order": "first", "maml.anil": False, "maml.meta-sgd": False},
-    "anil": {"maml.order": "second", "maml.anil": True, "maml.meta-sgd": False},
-    "meta-sgd": {"maml.order": "second", "maml.anil": False, "maml.meta-sgd": True},
+    "fedmeta": _MAML,
+    "fedmeta-first-order": {**_MAML, "maml.order": "first"},
+    "anil": {**_MAML, "maml.anil": True},
+    "meta-sgd": {**_MAML, "maml.meta-sgd": True},
+    # FedAvg in gradient form (one local step, server Adam): supervised gradients on class-balanced
+    # batches with classes in fixed order; fine-tuned on a new hospital's shots.
+    "fedavg": {**_MAML, "maml.inner-steps": 0, "episode.permute-labels": False},
+    # The first half of the rounds are FedAvg, then second-order FedMeta from that model.
+    "pretrain-then-meta": _MAML,
+    # Non-private upper bound: every hospital every round, no DP; the meta-batch is the union of
+    # the hospitals' episodes, which is second-order MAML on the pooled data with hospitals as tasks.
+    "centralised": {**_MAML, "privacy.enabled": False},
 }
+ENGINES = ("flower", "in-process")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -41,6 +53,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--data", type=Path, help="federation folder of hospital-NNN folders (default: synthetic)")
     parser.add_argument("--method", choices=sorted(METHODS), default="fedmeta")
     parser.add_argument("--no-dp", action="store_true", help="non-private baseline: no clipping, no noise")
+    parser.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="flower",
+        help="flower: SuperLink + Ray, as a real federation; in-process: the same apps in this process, no network",
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/simulation"), help="run folder (reused: resume)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -57,9 +75,15 @@ def simulation_config(args: argparse.Namespace) -> FedMetaConfig:
     per_round = args.clients_per_round or args.hospitals
     if not 1 <= per_round <= args.hospitals:
         raise UserError(f"--clients-per-round {per_round} must be between 1 and --hospitals {args.hospitals}")
+    defaults = FedMetaConfig()
+    method: dict[str, Any] = {}
+    if args.method == "pretrain-then-meta":
+        method["server.pretrain-rounds"] = args.rounds // 2
+    if args.method == "centralised":  # as many episodes per meta-step as the federated runs, from everyone
+        method["episode.meta-batch"] = max(1, round(defaults.episode.meta_batch * per_round / args.hospitals))
+        per_round = args.hospitals
     flat: dict[str, Any] = {
-        **FedMetaConfig().to_flat(),
-        **METHODS[args.method],
+        **defaults.to_flat(),
         "seed": args.seed,
         "data.federation-dir": str(args.data.expanduser().resolve() if args.data else run_dir / "federation"),
         "data.synthetic": args.data is None,
@@ -69,6 +93,8 @@ def simulation_config(args: argparse.Namespace) -> FedMetaConfig:
         "server.fraction-train": per_round / args.hospitals,
         "server.min-train-nodes": min(2, per_round),
         "privacy.enabled": not args.no_dp,
+        **METHODS[args.method],
+        **method,
     }
     flat.update(parse_assignments(args.set, "--set"))
     return FedMetaConfig.from_flat(flat)
@@ -100,31 +126,21 @@ class PeakMemory(threading.Thread):
             self.stop.wait(self.interval_s)
 
 
-def run_simulation(cfg: FedMetaConfig, hospitals: int, quiet: bool = False) -> dict[str, Any]:
+def run_simulation(cfg: FedMetaConfig, hospitals: int, quiet: bool = False, engine: str = "flower") -> dict[str, Any]:
     run_dir = Path(cfg.server.out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     log_path = run_dir / "flower.log"
     memory = PeakMemory()
     memory.start()
-    federation = {
-        "num-supernodes": hospitals,
-        "client-resources-num-cpus": 1,
-        "client-resources-num-gpus": 0.0,
-        "init-args-num-cpus": psutil.cpu_count() or 2,
-        "init-args-num-gpus": 0,
-    }
-    done_before = len(read_metrics(run_dir))
-    progress = tqdm(total=cfg.server.rounds, initial=done_before, desc="rounds", unit="round", disable=quiet)
+    progress = tqdm(
+        total=cfg.server.rounds, initial=len(read_metrics(run_dir)), desc="rounds", unit="round", disable=quiet
+    )
     try:
-        with simulation_superlink(run_dir) as (_, env):
-            flwr = flwr_run(cfg.to_flat(), federation, run_dir, env, log_path)
-            try:
-                while flwr.poll() is None:
-                    time.sleep(1.0)
-                    progress.update(len(read_metrics(run_dir)) - progress.n)
-            finally:
-                stop_process_tree(flwr)
-            progress.update(len(read_metrics(run_dir)) - progress.n)
+        if engine == "in-process":
+            with open(log_path, "a") as log, contextlib.redirect_stdout(log):  # the server's summary
+                _run_in_process(cfg, hospitals, progress)
+        else:
+            _run_on_flower(cfg, hospitals, run_dir, log_path, progress)
     finally:
         progress.close()
         memory.stop.set()
@@ -149,6 +165,45 @@ def run_simulation(cfg: FedMetaConfig, hospitals: int, quiet: bool = False) -> d
         "peak_rss_mb": round(memory.peak / 2**20, 1),
         "round_seconds": [round(r.get("seconds", float("nan")), 2) for r in records],
     }
+
+
+def _run_on_flower(cfg: FedMetaConfig, hospitals: int, run_dir: Path, log_path: Path, progress: tqdm) -> None:
+    federation = {
+        "num-supernodes": hospitals,
+        "client-resources-num-cpus": 1,
+        "client-resources-num-gpus": 0.0,
+        "init-args-num-cpus": psutil.cpu_count() or 2,
+        "init-args-num-gpus": 0,
+    }
+    with simulation_superlink(run_dir) as (_, env):
+        flwr = flwr_run(cfg.to_flat(), federation, run_dir, env, log_path)
+        try:
+            while flwr.poll() is None:
+                time.sleep(1.0)
+                progress.update(len(read_metrics(run_dir)) - progress.n)
+        finally:
+            stop_process_tree(flwr)
+        progress.update(len(read_metrics(run_dir)) - progress.n)
+
+
+def _run_in_process(cfg: FedMetaConfig, hospitals: int, progress: tqdm) -> None:
+    from simulations.inprocess import run_in_process
+
+    failure: list[BaseException] = []
+
+    def federation() -> None:
+        try:
+            run_in_process(cfg, hospitals)
+        except BaseException as err:  # re-raised in the caller's thread
+            failure.append(err)
+
+    worker = threading.Thread(target=federation, name="federation")
+    worker.start()
+    while worker.is_alive():
+        worker.join(timeout=1.0)
+        progress.update(len(read_metrics(Path(cfg.server.out_dir))) - progress.n)
+    if failure:
+        raise failure[0]
 
 
 def few_shot_summary(comparison: dict[str, dict]) -> dict[str, dict[str, float]]:
@@ -198,6 +253,6 @@ def _gain(gain: dict[str, float]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     cfg = simulation_config(args)
-    result = run_simulation(cfg, args.hospitals, quiet=args.json)
+    result = run_simulation(cfg, args.hospitals, quiet=args.json, engine=args.engine)
     print(json.dumps(result, indent=2) if args.json else results_table(result))
     return 0

@@ -16,7 +16,7 @@ from client.hospital import Hospital, episode_groups, sampled_group_episodes
 from client.ledger import BudgetExhausted
 from client.privacy import NoiseCalibration, PrivateRelease
 from shared.config import FedMetaConfig
-from shared.episodes import stack_episodes
+from shared.episodes import MAML_TASKS, TaskDesign, stack_episodes
 from shared.synthetic import write_synthetic_hospital
 from shared.wire import CONFIG_KEY, PARAMS_KEY, REJECTED_MESSAGE, TRAIN_METRICS
 from tests.loopback import client_app  # also sets Flower's task identity for Message()
@@ -38,13 +38,15 @@ def hospital_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_synthetic_hospital(tmp_path_factory.mktemp("federation"), 0, seed=0, n_images=120)
 
 
-def clipped_sum(hospital: Hospital, keep: np.ndarray, units: list[str], c: float, step_seed: int) -> torch.Tensor:
+def clipped_sum(
+    hospital: Hospital, keep: np.ndarray, units: list[str], c: float, step_seed: int, design: TaskDesign
+) -> torch.Tensor:
     """Summed clipped group gradients, noise off, of the pool restricted to ``keep``."""
     train = hospital.data.split("train")
     privacy = hospital.cfg.privacy
     labels, images = train.labels[keep], torch.from_numpy(train.images[keep])
     groups = episode_groups([units[i] for i in keep], "ab" * 32, privacy.episode_groups)
-    episodes = sampled_group_episodes(groups, labels, privacy, 2, 2, 2, step_seed)
+    episodes = sampled_group_episodes(groups, labels, privacy, 2, 2, 2, step_seed, design)
     params = hospital.learner.init_meta_params()
     if not episodes:  # no group could form an episode: the sum is empty
         return torch.zeros(sum(p.numel() for p in params.values()))
@@ -53,9 +55,16 @@ def clipped_sum(hospital: Hospital, keep: np.ndarray, units: list[str], c: float
     return torch.cat([g.flatten() for g in summed.values()])
 
 
-@pytest.mark.parametrize("unit", ["record", "patient"])
+@pytest.mark.parametrize(
+    ("unit", "design"),
+    [
+        ("record", MAML_TASKS),
+        ("patient", MAML_TASKS),
+        ("patient", TaskDesign(tasks="one-vs-rest", permute_labels=False, augment=True)),
+    ],
+)
 def test_removing_one_record_or_patient_moves_the_clipped_sum_by_at_most_the_stated_sensitivity(
-    hospital_dir: Path, unit: str
+    hospital_dir: Path, unit: str, design: TaskDesign
 ) -> None:
     c = 0.05  # small enough that every group gradient is clipped: the bound is tight
     cfg = tiny_config(privacy={"episode_groups": 8, "groups_per_step": 8, "max_grad_norm": c})
@@ -66,12 +75,12 @@ def test_removing_one_record_or_patient_moves_the_clipped_sum_by_at_most_the_sta
         list(train.record_ids) if unit == "record" else [p or r for p, r in zip(train.patient_keys, train.record_ids)]
     )
     everyone = np.arange(len(units))
-    full = clipped_sum(hospital, everyone, units, c, step_seed=11)
+    full = clipped_sum(hospital, everyone, units, c, step_seed=11, design=design)
     stated = NoiseCalibration(1.0, c).sensitivity
     assert stated == pytest.approx(2 * c)
     changes = []
     for removed in sorted(set(units))[:12]:
-        neighbour = clipped_sum(hospital, everyone[[u != removed for u in units]], units, c, step_seed=11)
+        neighbour = clipped_sum(hospital, everyone[[u != removed for u in units]], units, c, 11, design)
         changes.append(float((full - neighbour).norm()))
     assert max(changes) <= stated * (1 + 1e-4)
     assert max(changes) > 0.5 * c  # the removals did change gradients: the check is not vacuous

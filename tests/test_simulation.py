@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import csv
 import json
 import os
 import subprocess
@@ -11,9 +13,21 @@ from pathlib import Path
 
 import psutil
 
+from client.hospital import Hospital
 from shared.config import FedMetaConfig
+from simulations import bench_quality, bench_scale
+from simulations.simulate import simulation_config
+from tests.shared_data import shared_data
 
 PROJECT = Path(__file__).resolve().parents[1]
+TINY = [
+    "model.width=8",
+    "maml.inner-steps=1",
+    "episode.meta-batch=2",
+    "episode.eval-episodes=2",
+    "episode.eval-steps=1",
+]
+ADAPTATIONS = ("k=0", "k=1", "k=5", "k=10", "fine-tune")
 FLOWER_PROCESSES = ("flower-superlink", "flower-superexec", "flwr-simulation", "flwr-serverapp", "raylet", "gcs_server")
 
 
@@ -45,9 +59,26 @@ def test_simulate_runs_virtual_hospitals_through_flower_and_leaves_no_process_be
     before = flower_processes()
     out = tmp_path / "run"
     command = [
-        sys.executable, "-m", "shared.cli", "simulate", "--hospitals", "3", "--rounds", "2", "--clients-per-round", "2",
-        "--out", str(out), "--json", "--set", "model.width=8", "maml.inner-steps=1", "episode.meta-batch=2",
-        "episode.eval-episodes=2", "episode.eval-steps=1", "data.heldout-hospitals=1",
+        sys.executable,
+        "-m",
+        "shared.cli",
+        "simulate",
+        "--hospitals",
+        "3",
+        "--rounds",
+        "2",
+        "--clients-per-round",
+        "2",
+        "--out",
+        str(out),
+        "--json",
+        "--set",
+        "model.width=8",
+        "maml.inner-steps=1",
+        "episode.meta-batch=2",
+        "episode.eval-episodes=2",
+        "episode.eval-steps=1",
+        "data.heldout-hospitals=1",
     ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=PROJECT, env=dict(os.environ))
     assert done.returncode == 0, done.stderr[-2000:]
@@ -65,3 +96,126 @@ def test_simulate_runs_virtual_hospitals_through_flower_and_leaves_no_process_be
     assert records[0]["bytes_up"] == records[0]["bytes_down"]  # a gradient per meta-parameter, nothing more
     assert (out / "meta-model.safetensors").exists()
     assert not flower_processes() - before
+
+
+def simulate_args(method: str, **changes: object) -> argparse.Namespace:
+    values = {
+        "hospitals": 20,
+        "rounds": 10,
+        "clients_per_round": 5,
+        "data": None,
+        "method": method,
+        "no_dp": False,
+        "out": Path("runs/x"),
+        "seed": 0,
+        "set": [],
+    }
+    return argparse.Namespace(**{**values, **changes})
+
+
+def test_baseline_methods_are_presets_of_the_same_app_and_set_still_wins() -> None:
+    fedavg = simulation_config(simulate_args("fedavg"))
+    assert fedavg.maml.inner_steps == 0 and not fedavg.episode.permute_labels and fedavg.privacy.enabled
+    pretrain = simulation_config(simulate_args("pretrain-then-meta"))
+    assert pretrain.server.pretrain_rounds == 5 and pretrain.maml.inner_steps == FedMetaConfig().maml.inner_steps
+    central = simulation_config(simulate_args("centralised"))
+    assert not central.privacy.enabled and central.server.fraction_train == 1.0
+    assert central.episode.meta_batch == 4  # 16 episodes x 5 of 20 hospitals: the federated runs' meta-batch
+    tuned = simulation_config(simulate_args("fedavg", set=["maml.inner-steps=2"]))
+    assert tuned.maml.inner_steps == 2
+
+
+def test_in_process_engine_runs_the_same_apps_and_prints_clean_json(tmp_path: Path) -> None:
+    command = [
+        sys.executable,
+        "-m",
+        "shared.cli",
+        "simulate",
+        "--engine",
+        "in-process",
+        "--method",
+        "pretrain-then-meta",
+        "--hospitals",
+        "3",
+        "--rounds",
+        "2",
+        "--clients-per-round",
+        "2",
+        "--out",
+        str(tmp_path / "run"),
+        "--json",
+        "--set",
+        *TINY,
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=PROJECT, env=dict(os.environ))
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout)  # the server's own summary went to the run folder's log
+    assert result["rounds_completed"] == 2 and 0 < result["epsilon_max"] <= 8.0
+    assert "balanced-accuracy" in result["few_shot"]["meta+fine-tune"]
+
+
+def test_quality_bench_scores_every_method_on_the_same_tasks_against_fedavg_fine_tune(tmp_path: Path) -> None:
+    parser = argparse.ArgumentParser()
+    bench_quality.add_arguments(parser)
+    args = parser.parse_args(
+        [
+            "--methods",
+            "fedavg,fedmeta-first-order",
+            "--privacy",
+            "none",
+            "--hospitals",
+            "3",
+            "--heldout",
+            "1",
+            "--rounds",
+            "2",
+            "--clients-per-round",
+            "2",
+            "--shots",
+            "5",
+            "--eval-tasks",
+            "3",
+            "--fine-tune-steps",
+            "3",
+            "--work-dir",
+            str(tmp_path),
+            "--set",
+            *[s for s in TINY if not s.startswith("maml.")],  # fedavg keeps its own inner-steps=0
+        ]
+    )
+    result = bench_quality.run(args)
+    variants = result["shots"]["5"]
+    expected = {"local-only"} | {f"{m}/{v}" for m in ("fedavg", "fedmeta-first-order") for v in ADAPTATIONS}
+    assert set(variants) == expected
+    assert {v["tasks"] for v in variants.values()} == {3}
+    reference = variants["fedavg/fine-tune"]["balanced-accuracy vs fedavg/fine-tune"]
+    assert reference["mean"] == 0.0 and reference["hospitals"] == 1
+    assert 0.0 <= variants["fedmeta-first-order/k=10"]["balanced-accuracy"] <= 1.0
+    assert set(result["runs"]) == {"fedavg", "fedmeta-first-order"}
+    assert "| fedavg/fine-tune |" in (tmp_path / "quality.md").read_text()
+
+
+def test_new_task_setting_holds_out_a_dataset_no_training_hospital_has(tmp_path: Path) -> None:
+    root = shared_data("medmnist")
+    args = argparse.Namespace(setting="breast-new-task", data_root=root, hospitals=2, heldout=1, seed=0)
+    federation = bench_quality.prepare_federation(args, tmp_path)
+    training = {label for h in ("hospital-000", "hospital-001") for label in labels_of(federation / h)}
+    heldout = labels_of(federation / "heldout" / "hospital-000")
+    assert {label.split(":")[0] for label in training} == {"retina", "pneumonia"}
+    assert {label.split(":")[0] for label in heldout} == {"breast"}
+
+
+def labels_of(hospital: Path) -> set[str]:
+    with open(hospital / "labels.csv", newline="") as f:
+        return {row["label"] for row in csv.DictReader(f)}
+
+
+def test_scale_federation_links_written_hospitals_and_each_keeps_its_own_ledger(tmp_path: Path) -> None:
+    base = tmp_path / "base"
+    for name in ("hospital-000", "hospital-001"):
+        (base / name).mkdir(parents=True)
+    federation = bench_scale.linked_federation(5, base, 2, tmp_path)
+    assert sorted(p.name for p in federation.iterdir()) == [f"hospital-{i:03d}" for i in range(5)]
+    assert (federation / "hospital-003").resolve() == (base / "hospital-001").resolve()
+    cfg = FedMetaConfig().replace(data={"state_dir": str(tmp_path / "state")})
+    assert Hospital(federation / "hospital-003", cfg).state_dir != Hospital(federation / "hospital-001", cfg).state_dir

@@ -142,7 +142,7 @@ def stack_episodes(images: torch.Tensor, episodes: list[EpisodeIndices]) -> Epis
         return images[torch.from_numpy(np.stack([getattr(e, key) for e in episodes]))]
 
     def labels(key: str) -> torch.Tensor:
-        return torch.from_numpy(np.stack([getattr(e, key) for e in episodes])).long()
+        return torch.from_numpy(np.stack([getattr(e, key) for e in episodes])).long().to(images.device)
 
     support_x, query_x = gather("support"), gather("query")
     for i, episode in enumerate(episodes):

@@ -68,7 +68,7 @@ def adapt_and_predict(
     steps: int,
 ) -> np.ndarray:
     """Query class probabilities ``[Q, N]`` after ``steps`` inner-loop steps on the task's support set."""
-    sx, sy = train_images[task.support], torch.from_numpy(task.support_y)
+    sx, sy = train_images[task.support], torch.from_numpy(task.support_y).to(train_images.device)
     with torch.enable_grad():
         adapted = learner.adapt(params, sx, sy, learner.detached_inner_grads, steps)
     with torch.no_grad():
@@ -79,7 +79,8 @@ def train_from_scratch(
     learner: MetaLearner, init: Params, task: FewShotTask, train_images: torch.Tensor, steps: int, lr: float = 1e-2
 ) -> Params:
     """The baseline a hospital has without fedmeta: a fresh model trained on the same shots with Adam."""
-    return fine_tune(learner, init, train_images[task.support], torch.from_numpy(task.support_y), steps, lr)
+    sy = torch.from_numpy(task.support_y).to(train_images.device)
+    return fine_tune(learner, init, train_images[task.support], sy, steps, lr)
 
 
 def fine_tune(learner: MetaLearner, init: Params, sx: torch.Tensor, sy: torch.Tensor, steps: int, lr: float) -> Params:

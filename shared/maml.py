@@ -73,10 +73,14 @@ class OuterGrads:
 
 
 def pick_device(requested: str = "auto") -> torch.device:
-    """``auto`` is the GPU when there is one, else the CPU."""
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(requested)
+    """``auto`` is the GPU when there is one, else the CPU. On a GPU, matrix products and convolutions
+    run in full float32: through TF32 (PyTorch's default for cuDNN), a second-order meta-gradient at
+    initialisation came out with 29x the norm of the float32 one (measured on an H200)."""
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if requested == "auto" else requested)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    return device
 
 
 def resolve_path(path: ExecutionPath, device: torch.device) -> ExecutionPath:

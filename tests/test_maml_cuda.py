@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
-from shared.config import MamlConfig, ModelConfig
-from shared.maml import EpisodeBatch, MetaLearner
+from client.hospital import Hospital
+from shared.config import FedMetaConfig, MamlConfig, ModelConfig
+from shared.maml import EpisodeBatch, MetaLearner, pick_device
 from shared.models import build_model
+from shared.synthetic import write_synthetic_hospital
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -62,3 +66,24 @@ def test_cuda_loop_and_batched_paths_agree_in_float64(maml: dict) -> None:
     loop = learner.per_episode_outer_grads(params, batch, "loop")
     for name in params:
         torch.testing.assert_close(batched.grads[name], loop.grads[name], rtol=0, atol=1e-10)
+
+
+def test_a_hospital_trains_on_the_gpu_as_on_the_cpu_and_the_gpu_runs_in_full_float32(tmp_path: Path) -> None:
+    torch.backends.cudnn.allow_tf32 = True  # PyTorch's default, which pick_device turns off
+    device = pick_device("cuda")
+    assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+    folder = write_synthetic_hospital(tmp_path, 0, seed=0, n_images=120)
+    cfg = FedMetaConfig().replace(
+        privacy={"enabled": False},
+        data={"state_dir": str(tmp_path / "state")},
+        episode={"k_shot": 2, "q_query": 2, "meta_batch": 4, "augment": True},
+    )
+    gpu = Hospital(folder, cfg, device)
+    params = gpu.learner.init_meta_params()
+    on_gpu = torch.cat([g.flatten() for g in gpu.train(params, 1).outer_grad.values()])
+    cpu_params = {n: p.cpu() for n, p in params.items()}
+    on_cpu = torch.cat([g.flatten() for g in Hospital(folder, cfg).train(cpu_params, 1).outer_grad.values()])
+    assert float((on_gpu - on_cpu).norm() / on_cpu.norm()) < 1e-2
+    private = cfg.replace(privacy={"enabled": True, "noise_multiplier": 1.0})
+    released = Hospital(folder, private, device).train(params, 1).outer_grad
+    assert all(torch.isfinite(g).all() for g in released.values())

@@ -75,15 +75,11 @@ def simulation_config(args: argparse.Namespace) -> FedMetaConfig:
     per_round = args.clients_per_round or args.hospitals
     if not 1 <= per_round <= args.hospitals:
         raise UserError(f"--clients-per-round {per_round} must be between 1 and --hospitals {args.hospitals}")
-    defaults = FedMetaConfig()
     method: dict[str, Any] = {}
     if args.method == "pretrain-then-meta":
         method["server.pretrain-rounds"] = args.rounds // 2
-    if args.method == "centralised":  # as many episodes per meta-step as the federated runs, from everyone
-        method["episode.meta-batch"] = max(1, round(defaults.episode.meta_batch * per_round / args.hospitals))
-        per_round = args.hospitals
     flat: dict[str, Any] = {
-        **defaults.to_flat(),
+        **FedMetaConfig().to_flat(),
         "seed": args.seed,
         "data.federation-dir": str(args.data.expanduser().resolve() if args.data else run_dir / "federation"),
         "data.synthetic": args.data is None,
@@ -97,7 +93,11 @@ def simulation_config(args: argparse.Namespace) -> FedMetaConfig:
         **method,
     }
     flat.update(parse_assignments(args.set, "--set"))
-    return FedMetaConfig.from_flat(flat)
+    cfg = FedMetaConfig.from_flat(flat)
+    if args.method == "centralised":  # everyone every step, as many episodes per step as the federated runs
+        meta_batch = max(1, round(cfg.episode.meta_batch * per_round / args.hospitals))
+        cfg = cfg.replace(episode={"meta_batch": meta_batch}, server={"fraction_train": 1.0})
+    return cfg
 
 
 def process_tree_rss(root: psutil.Process) -> int:

@@ -121,6 +121,7 @@ def test_baseline_methods_are_presets_of_the_same_app_and_set_still_wins() -> No
     central = simulation_config(simulate_args("centralised"))
     assert not central.privacy.enabled and central.server.fraction_train == 1.0
     assert central.episode.meta_batch == 4  # 16 episodes x 5 of 20 hospitals: the federated runs' meta-batch
+    assert simulation_config(simulate_args("centralised", set=["episode.meta-batch=8"])).episode.meta_batch == 2
     tuned = simulation_config(simulate_args("fedavg", set=["maml.inner-steps=2"]))
     assert tuned.maml.inner_steps == 2
 

@@ -11,10 +11,16 @@ import sys
 import tomllib
 from pathlib import Path
 
+import numpy as np
 import psutil
+import pytest
+import torch
 
 from client.hospital import Hospital
-from shared.config import FedMetaConfig
+from shared.config import FedMetaConfig, MamlConfig
+from shared.evaluation import adapt_and_predict, few_shot_tasks
+from shared.maml import MetaLearner
+from shared.models import build_model
 from simulations import bench_quality, bench_scale
 from simulations.simulate import simulation_config
 from tests.shared_data import shared_data
@@ -220,3 +226,16 @@ def test_scale_federation_links_written_hospitals_and_each_keeps_its_own_ledger(
     assert (federation / "hospital-003").resolve() == (base / "hospital-001").resolve()
     cfg = FedMetaConfig().replace(data={"state_dir": str(tmp_path / "state")})
     assert Hospital(federation / "hospital-003", cfg).state_dir != Hospital(federation / "hospital-001", cfg).state_dir
+
+
+@pytest.mark.parametrize("maml", [{}, {"anil": True}, {"meta_sgd": True}])
+def test_one_inner_loop_run_scores_every_step_count_as_separate_adaptations_would(maml: dict) -> None:
+    torch.manual_seed(0)
+    train_x, test_x = torch.rand(40, 1, 28, 28), torch.rand(12, 1, 28, 28)
+    task = few_shot_tasks(np.array([0, 1] * 20), np.array([0, 1] * 6), 2, 5, 1, 0)[0]
+    learner = MetaLearner(build_model(FedMetaConfig().model), MamlConfig(**maml))
+    params = learner.init_meta_params()
+    incremental = bench_quality.inner_loop_predictions(learner, params, task, train_x, test_x)
+    assert list(incremental) == list(bench_quality.ADAPT_STEPS)
+    for steps, probs in incremental.items():
+        np.testing.assert_allclose(probs, adapt_and_predict(learner, params, task, train_x, test_x, steps), atol=1e-6)

@@ -41,14 +41,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="run settings for every size")
 
 
-def written_hospitals(count: int, folder: Path) -> float:
-    """Write and ingest ``count`` synthetic hospitals under ``folder``; seconds per hospital."""
+def written_hospitals(count: int, folder: Path) -> float | None:
+    """Write and ingest ``count`` synthetic hospitals under ``folder``; seconds per hospital written
+    (``None`` when an earlier run of this work dir wrote them all)."""
     model = FedMetaConfig().model
     preprocess = PreprocessConfig(image_size=model.image_size, channels=model.in_channels)
+    new = sum(not (folder / hospital_name(index)).exists() for index in range(count))
     started = time.perf_counter()
     for index in range(count):
         load_hospital(write_synthetic_hospital(folder, index, seed=0), preprocess)
-    return (time.perf_counter() - started) / count
+    return (time.perf_counter() - started) / new if new else None
 
 
 def linked_federation(size: int, base: Path, base_count: int, work_dir: Path) -> Path:
@@ -106,4 +108,5 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     base = results[0]["median_round_seconds"]
     for r in results:
         r["round_time_vs_smallest"] = round(r["median_round_seconds"] / base, 3)
-    return {"federation": args.federation, "first_use_seconds": round(first_use, 2), "runs": results}
+    first_use_seconds = round(first_use, 2) if first_use is not None else None
+    return {"federation": args.federation, "first_use_seconds": first_use_seconds, "runs": results}

@@ -61,34 +61,19 @@ def test_pyproject_run_config_defaults_are_the_typed_config_defaults() -> None:
     assert flatten(config) == FedMetaConfig().to_flat()
 
 
+def simulate_json(out: Path, *options: str) -> dict:
+    """``fedmeta simulate --json`` with 3 hospitals, 2 rounds, 2 per round, as a user runs it."""
+    command = [sys.executable, "-m", "shared.cli", "simulate", "--hospitals", "3", "--rounds", "2"]
+    command += ["--clients-per-round", "2", "--out", str(out), "--json", *options]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=PROJECT, env=dict(os.environ))
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout)
+
+
 def test_simulate_runs_virtual_hospitals_through_flower_and_leaves_no_process_behind(tmp_path: Path) -> None:
     before = flower_processes()
     out = tmp_path / "run"
-    command = [
-        sys.executable,
-        "-m",
-        "shared.cli",
-        "simulate",
-        "--hospitals",
-        "3",
-        "--rounds",
-        "2",
-        "--clients-per-round",
-        "2",
-        "--out",
-        str(out),
-        "--json",
-        "--set",
-        "model.width=8",
-        "maml.inner-steps=1",
-        "episode.meta-batch=2",
-        "episode.eval-episodes=2",
-        "episode.eval-steps=1",
-        "data.heldout-hospitals=1",
-    ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=PROJECT, env=dict(os.environ))
-    assert done.returncode == 0, done.stderr[-2000:]
-    result = json.loads(done.stdout)
+    result = simulate_json(out, "--set", *TINY, "data.heldout-hospitals=1")
     assert result["rounds_completed"] == 2
     assert result["hospitals"] == 3
     assert result["clients_per_round"] == 2
@@ -133,30 +118,8 @@ def test_baseline_methods_are_presets_of_the_same_app_and_set_still_wins() -> No
 
 
 def test_in_process_engine_runs_the_same_apps_and_prints_clean_json(tmp_path: Path) -> None:
-    command = [
-        sys.executable,
-        "-m",
-        "shared.cli",
-        "simulate",
-        "--engine",
-        "in-process",
-        "--method",
-        "pretrain-then-meta",
-        "--hospitals",
-        "3",
-        "--rounds",
-        "2",
-        "--clients-per-round",
-        "2",
-        "--out",
-        str(tmp_path / "run"),
-        "--json",
-        "--set",
-        *TINY,
-    ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=PROJECT, env=dict(os.environ))
-    assert done.returncode == 0, done.stderr[-2000:]
-    result = json.loads(done.stdout)  # the server's own summary went to the run folder's log
+    # json.loads in simulate_json fails if the server's own summary reaches stdout (it goes to the run's log)
+    result = simulate_json(tmp_path / "run", "--engine", "in-process", "--method", "pretrain-then-meta", "--set", *TINY)
     assert result["rounds_completed"] == 2 and 0 < result["epsilon_max"] <= 8.0
     assert "balanced-accuracy" in result["few_shot"]["meta+fine-tune"]
 

@@ -39,6 +39,7 @@ from shared.evaluation import FewShotTask, adapt_and_predict, classification_met
 from shared.maml import MetaLearner, Params
 from shared.medmnist import import_medmnist
 from shared.models import build_model
+from shared.synthetic import hospital_name
 from simulations.heldout import HeldoutHospitals
 from simulations.simulate import METHODS, run_simulation, simulation_config
 
@@ -113,9 +114,9 @@ def prepare_federation(args: argparse.Namespace, work_dir: Path) -> Path | None:
         total = args.hospitals + args.heldout
         import_medmnist([npz[args.setting]], staging / "all", total, "site-shift", args.seed, max_per_hospital=400)
         for h in range(total):
-            name = f"hospital-{h:03d}" if h < args.hospitals else f"heldout/hospital-{h - args.hospitals:03d}"
+            name = hospital_name(h) if h < args.hospitals else f"heldout/{hospital_name(h - args.hospitals)}"
             (staging / name).parent.mkdir(parents=True, exist_ok=True)
-            (staging / "all" / f"hospital-{h:03d}").rename(staging / name)
+            (staging / "all" / hospital_name(h)).rename(staging / name)
         (staging / "all").rmdir()
     staging.rename(federation)
     done.touch()
@@ -164,12 +165,7 @@ def train_models(args: argparse.Namespace, work_dir: Path, federation: Path | No
                 "epsilon_max": result["epsilon_max"],
                 "peak_rss_mb": result["peak_rss_mb"],
             }
-            params = load_file(out / "meta-model.safetensors")
-            models.append(
-                TrainedModel(
-                    name, cfg, {n: params[n] for n in MetaLearner(build_model(cfg.model), cfg.maml).init_meta_params()}
-                )
-            )
+            models.append(TrainedModel(name, cfg, load_file(out / "meta-model.safetensors")))
     return models, runs
 
 

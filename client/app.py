@@ -2,8 +2,13 @@
 
 Which hospital: ``data-path`` in the node config (deployment: ``fedmeta client --hospital DIR``),
 or, in simulation, hospital ``partition-id`` of the run's federation folder (synthetic
-hospitals are written there on first use). A hospital's own privacy settings come as
-``privacy.*`` keys in its node config and win over the server's run config.
+hospitals are written there on first use).
+
+A real hospital's privacy is its own: its policy file (node config ``policy-file``, default
+``STATE/policy.toml``) with ``policy.KEY`` node-config overrides on top, and its ledger in its own
+state folder (node config ``state-dir``, default ``HOSPITAL/.fedmeta``). Nothing in the run config
+can move either; the run's settings can only make the policy stricter (:mod:`client.policy`).
+Virtual hospitals of a simulation belong to the simulation: the run config is their policy.
 
 Everything a reply carries is checked against the wire contract before it leaves. Failures are
 answered with a fixed, PHI-free reason; details stay in the hospital's own log.
@@ -17,28 +22,35 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.hospital import Hospital
 from client.ledger import BudgetExhausted
+from client.policy import POLICY_FILE, PolicyRefusal, load_policy
 from shared.config import FedMetaConfig
 from shared.errors import UserError
 from shared.federation import federation_dir
+from shared.hospital import STATE_FOLDER
 from shared.maml import Params, pick_device
 from shared.synthetic import hospital_name, write_synthetic_hospital
 from shared.wire import (
     CONFIG_KEY,
     EVALUATE_METRICS,
     GRADIENT_KEY,
+    HOSPITAL_KEY,
     HOSPITAL_UNAVAILABLE,
     METRICS_KEY,
+    NO_DP_TRAIN_METRICS,
     PARAMS_KEY,
     REFUSED_BUDGET,
+    REFUSED_POLICY,
     REJECTED_MESSAGE,
     TRAIN_METRICS,
     WireError,
     WireSchema,
+    named_reason,
+    validate_hospital_name,
     validate_metrics,
 )
 
@@ -46,20 +58,26 @@ log = logging.getLogger(__name__)
 app = ClientApp()
 
 
-def hospital_config(context: Context) -> FedMetaConfig:
-    """The run config with the hospital's own ``privacy.*`` node-config keys on top."""
-    own = {k: v for k, v in context.node_config.items() if k.startswith("privacy.")}
-    return FedMetaConfig.from_flat({**context.run_config, **own})
+POLICY_OVERRIDE = "policy."
 
 
-def hospital_folder(context: Context, cfg: FedMetaConfig) -> Path:
-    if "data-path" in context.node_config:
-        return Path(str(context.node_config["data-path"]))
-    index = int(context.node_config["partition-id"])
-    folder = federation_dir(cfg) / hospital_name(index)
-    if not folder.exists() and cfg.data.synthetic:
-        write_synthetic_hospital(federation_dir(cfg), index, seed=cfg.seed)
-    return folder
+def open_hospital(context: Context, run_cfg: FedMetaConfig) -> Hospital | PolicyRefusal:
+    """This node's hospital, on the settings its policy allows for ``run_cfg``, or why it refuses the run."""
+    node = context.node_config
+    if "data-path" not in node:
+        index = int(node["partition-id"])
+        folder = federation_dir(run_cfg) / hospital_name(index)
+        if not folder.exists() and run_cfg.data.synthetic:
+            write_synthetic_hospital(federation_dir(run_cfg), index, seed=run_cfg.seed)
+        return Hospital(folder, run_cfg, pick_device())
+    folder = Path(str(node["data-path"]))
+    state_dir = Path(str(node.get("state-dir") or folder / STATE_FOLDER))
+    overrides = {k.removeprefix(POLICY_OVERRIDE): v for k, v in node.items() if k.startswith(POLICY_OVERRIDE)}
+    policy = load_policy(Path(str(node.get("policy-file") or state_dir / POLICY_FILE)), overrides)
+    governed = policy.govern(run_cfg)
+    if isinstance(governed, PolicyRefusal):
+        return governed
+    return Hospital(folder, governed, pick_device(), state_dir=state_dir, policy=policy)
 
 
 def receive_params(msg: Message, hospital: Hospital) -> Params:
@@ -77,10 +95,37 @@ def server_round(msg: Message) -> int:
     return int(config["server-round"]) if config and "server-round" in config else 0
 
 
+def public_name(context: Context) -> str | None:
+    """The name this hospital shows the operator: node config ``hospital-name``, or a virtual hospital's folder."""
+    node = context.node_config
+    if "hospital-name" in node:
+        return validate_hospital_name(node["hospital-name"], "node config hospital-name")
+    if "data-path" not in node:
+        return hospital_name(int(node["partition-id"]))
+    return None
+
+
 def _handle(msg: Message, context: Context, work: Callable[[Hospital, Params, Message], Message]) -> Message:
     try:
-        cfg = hospital_config(context).for_round(server_round(msg))
-        hospital = Hospital(hospital_folder(context, cfg), cfg, pick_device())
+        name = public_name(context)
+    except WireError as err:
+        log.error("%s", err)
+        return Message(Error(HOSPITAL_UNAVAILABLE, str(err)), reply_to=msg)
+    reply = _answer(msg, context, work)
+    if name is None:
+        return reply
+    if reply.has_error():  # an Error carries only a code and a reason: the name goes in front of the reason
+        return Message(Error(reply.error.code, named_reason(name, reply.error.reason or "")), reply_to=msg)
+    reply.content[HOSPITAL_KEY] = ConfigRecord({"name": name})
+    return reply
+
+
+def _answer(msg: Message, context: Context, work: Callable[[Hospital, Params, Message], Message]) -> Message:
+    try:
+        hospital = open_hospital(context, FedMetaConfig.from_flat(context.run_config).for_round(server_round(msg)))
+        if isinstance(hospital, PolicyRefusal):
+            log.warning("%s", hospital)
+            return Message(Error(REFUSED_POLICY, str(hospital)), reply_to=msg)
         params = receive_params(msg, hospital)
     except WireError as err:
         log.warning("rejected the server's message: %s", err)
@@ -112,7 +157,8 @@ def _train_reply(hospital: Hospital, params: Params, msg: Message) -> Message:
         return Message(Error(REFUSED_BUDGET, str(outcome)), reply_to=msg)
     grads = {n: g.numpy() for n, g in outcome.outer_grad.items()}
     WireSchema.of(params).validate(grads, "hospital reply")
-    validate_metrics(outcome.metrics, TRAIN_METRICS, "hospital reply")
+    allowed = TRAIN_METRICS if outcome.metrics["dp"] else NO_DP_TRAIN_METRICS
+    validate_metrics(outcome.metrics, allowed, "hospital reply", required=TRAIN_METRICS)
     content = RecordDict(
         {
             GRADIENT_KEY: ArrayRecord({n: Array(g) for n, g in grads.items()}),
@@ -123,8 +169,11 @@ def _train_reply(hospital: Hospital, params: Params, msg: Message) -> Message:
 
 
 def _evaluate_reply(hospital: Hospital, params: Params, msg: Message) -> Message:
-    metrics = hospital.evaluate(params)
-    validate_metrics(metrics, EVALUATE_METRICS, "hospital reply")
+    metrics = hospital.answer_evaluation(params)
+    if isinstance(metrics, PolicyRefusal):
+        log.warning("%s", metrics)
+        return Message(Error(REFUSED_POLICY, str(metrics)), reply_to=msg)
+    validate_metrics(metrics, EVALUATE_METRICS, "hospital reply", required=EVALUATE_METRICS)
     return Message(RecordDict({METRICS_KEY: MetricRecord(metrics)}), reply_to=msg)
 
 
@@ -136,3 +185,14 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     return _handle(msg, context, _evaluate_reply)
+
+
+@app.query()
+def roll_call(msg: Message, context: Context) -> Message:
+    """The server's roll call: this hospital's public name only; no data is read."""
+    try:
+        name = public_name(context)
+    except WireError as err:
+        log.error("%s", err)
+        return Message(Error(HOSPITAL_UNAVAILABLE, str(err)), reply_to=msg)
+    return Message(RecordDict({HOSPITAL_KEY: ConfigRecord({"name": name})} if name else {}), reply_to=msg)

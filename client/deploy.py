@@ -1,9 +1,14 @@
 """``fedmeta client``: join one hospital to a fedmeta server, until Ctrl-C or SIGTERM.
 
 It runs a Flower SuperNode as its own child: TLS to the server (the deployment's ``ca.crt``), the
-hospital's private key for SuperNode authentication, the hospital folder and its own privacy
-settings in the node config, and a local port of its own so several hospitals can share a machine.
-Flower's state (installed app bundles) and the SuperNode's log live in ``HOSPITAL/.fedmeta/``.
+hospital's private key for SuperNode authentication, the hospital folder, its public name and its own
+privacy policy (``--policy FILE``, ``--privacy KEY=VALUE`` overrides) in the node config, and a local
+port of its own so several hospitals can share a machine. Flower's state (installed app bundles) and
+the SuperNode's log live in ``HOSPITAL/.fedmeta/``.
+
+The SuperNode runs only this hospital's installed fedmeta: its SuperExec finds
+:mod:`client.trusted_app` first on PATH as ``flwr-clientapp``, which refuses a run whose app differs
+before any of it is installed or imported.
 
 The SuperLink refuses a key that is not registered, and also, for up to two missed heartbeats
 (about a minute), the key of a client that crashed and has not been noticed gone yet: so a refused
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -24,10 +30,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL, HEARTBEAT_PATIENCE
 
+from client.policy import policy_from_mapping
+from client.trusted_app import REFUSED_PREFIX, write_task_commands
 from shared.certs import CA_CERT, hospital_key
-from shared.config import FedMetaConfig, parse_assignments
+from shared.config import parse_assignments
 from shared.errors import UserError
 from shared.flower_processes import (
+    PROJECT_DIR,
     ProcessTree,
     flower_bin,
     flower_env,
@@ -59,7 +68,8 @@ class ClientSettings:
     ca: Path | None  # None with key None: --insecure
     key: Path | None
     port: int  # the SuperNode's local port for its ClientApps
-    privacy: dict[str, object]  # privacy.* node-config keys, typed
+    policy_file: Path | None  # None: the ClientApp's default, HOSPITAL/.fedmeta/policy.toml
+    policy_overrides: dict[str, object]  # policy key -> typed value, from --privacy
     activation_timeout_s: float
 
     @property
@@ -67,7 +77,10 @@ class ClientSettings:
         return self.hospital / ".fedmeta"
 
     def node_config(self) -> str:
-        items = {"data-path": str(self.hospital), **self.privacy}
+        items: dict[str, object] = {"data-path": str(self.hospital), "hospital-name": self.name}
+        if self.policy_file is not None:
+            items["policy-file"] = str(self.policy_file)
+        items.update({f"policy.{k}": v for k, v in self.policy_overrides.items()})
         return " ".join(f"{k}={toml_value(v)}" for k, v in items.items())
 
 
@@ -84,7 +97,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--port", type=int, default=None, help="local port for the ClientApps (default: a free one)")
     parser.add_argument("--insecure", action="store_true", help="no TLS, no authentication: a local trial")
     parser.add_argument(
-        "--privacy", nargs="+", default=[], metavar="KEY=VALUE", help="this hospital's own privacy.* settings"
+        "--policy", type=Path, help="this hospital's privacy policy file (default HOSPITAL/.fedmeta/policy.toml)"
+    )
+    parser.add_argument(
+        "--privacy",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override single fields of the policy file, e.g. epsilon-budget=3 dp=false",
     )
     parser.add_argument(
         "--activation-timeout",
@@ -100,14 +120,19 @@ def settings_from_args(args: argparse.Namespace) -> ClientSettings:
     hospital = args.hospital.expanduser().resolve()
     if not hospital.is_dir():
         raise UserError(f"hospital folder {hospital} does not exist: pass the folder of its DICOM files to --hospital")
+    if not (PROJECT_DIR / "pyproject.toml").is_file():
+        raise UserError(
+            f"{PROJECT_DIR} holds no pyproject.toml: install fedmeta from its source folder (`pip install -e .`); "
+            "that folder is the only app this hospital runs"
+        )
     host, _, port = args.server.rpartition(":")
     if not host or not port.isdigit():
         raise UserError(f"--server {args.server!r}: write HOST:PORT, e.g. 127.0.0.1:8000")
     ca, key = _credentials(args)
-    privacy = {
-        f"privacy.{k.removeprefix('privacy.')}": v for k, v in parse_assignments(args.privacy, "--privacy").items()
-    }
-    typed = FedMetaConfig.from_flat(privacy).to_flat()
+    policy_file = args.policy and args.policy.expanduser().resolve()
+    if policy_file is not None and not policy_file.is_file():
+        raise UserError(f"--policy {policy_file} does not exist: give the hospital's policy TOML file, or leave it out")
+    overrides = _policy_overrides(args.privacy)
     local_port = free_port() if args.port is None else args.port
     if not port_is_free("127.0.0.1", local_port):
         raise UserError(f"local port {local_port} is in use (another hospital's client?): pick another --port")
@@ -118,9 +143,17 @@ def settings_from_args(args: argparse.Namespace) -> ClientSettings:
         ca=ca,
         key=key,
         port=local_port,
-        privacy={k: typed[k] for k in privacy},
+        policy_file=policy_file,
+        policy_overrides=overrides,
         activation_timeout_s=args.activation_timeout,
     )
+
+
+def _policy_overrides(pairs: list[str]) -> dict[str, object]:
+    """``--privacy KEY=VALUE`` as typed policy fields; an unknown key or a bad value is a one-line error."""
+    given = parse_assignments(pairs, "--privacy")
+    policy = policy_from_mapping(given, "--privacy")
+    return {key: getattr(policy, key.replace("-", "_")) for key in given}
 
 
 def _credentials(args: argparse.Namespace) -> tuple[Path | None, Path | None]:
@@ -139,7 +172,9 @@ def _credentials(args: argparse.Namespace) -> tuple[Path | None, Path | None]:
     if not ca.is_file():
         raise UserError(f"{ca} is missing: copy the deployment's ca.crt from the server")
     if not key.is_file():
-        raise UserError(f"{key} is missing: copy this hospital's {args.name}.key from whoever ran `fedmeta certs`")
+        raise UserError(
+            f"{key} is missing: make this hospital's key pair with `fedmeta certs --hospital-key {args.name} --out DIR`"
+        )
     try:
         private = load_ssh_private_key(key.read_bytes(), password=None)
     except (ValueError, UnsupportedAlgorithm, TypeError):
@@ -188,6 +223,8 @@ class SupernodeOutput:
             say(f"hospital {self.settings.name} connected to {self.settings.server} as SuperNode {connected.group(1)}")
         elif REFUSED in line:
             self.refused = True
+        elif REFUSED_PREFIX in line:
+            say(line[line.index(REFUSED_PREFIX) :].removeprefix("fedmeta: "))
         elif tls := TLS_FAILED.search(line):  # keep OpenSSL's reason over the generic line
             self.tls_error = max(self.tls_error, tls.group(0).strip(), key=len)
         elif WORTH_SHOWING.search(line):
@@ -201,6 +238,9 @@ def join(settings: ClientSettings) -> None:
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     log_path = settings.state_dir / "supernode.log"
     env = flower_env(settings.state_dir / "flower")
+    task_commands = settings.state_dir / "bin"
+    write_task_commands(task_commands)
+    env["PATH"] = f"{task_commands}{os.pathsep}{env['PATH']}"
     security = "TLS, key " + str(settings.key) if settings.key else "INSECURE"
     say(f"hospital {settings.name} ({settings.hospital}) joining {settings.server} ({security}); log {log_path}")
     deadline = time.monotonic() + settings.activation_timeout_s

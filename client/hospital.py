@@ -18,8 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from client.ledger import BudgetExhausted, PrivacyLedger
-from client.privacy import NoiseCalibration, PrivateRelease, calibrate_accountant_noise
+from client.ledger import LEDGER_FILE, BudgetExhausted, PrivacyLedger
+from client.policy import HospitalPolicy, PolicyRefusal
+from client.privacy import finite_episodes
+from client.private_training import PrivateTraining
 from shared.config import FedMetaConfig, PrivacyConfig
 from shared.dicom import PreprocessConfig
 from shared.episodes import (
@@ -33,13 +35,12 @@ from shared.episodes import (
     task_pools,
 )
 from shared.evaluation import FewShotTask, adapt_and_predict, classification_metrics, few_shot_tasks
-from shared.hospital import HospitalData, load_hospital
+from shared.hospital import STATE_FOLDER, HospitalData, load_hospital
 from shared.maml import MetaLearner, OuterGrads, Params
 from shared.models import build_model
+from shared.wire import EVALUATE_METRICS
 
 log = logging.getLogger(__name__)
-
-LEDGER_FILE = "privacy-ledger.json"
 
 
 @dataclass(frozen=True)
@@ -115,11 +116,31 @@ def sampled_group_episodes(
 
 
 class Hospital:
-    def __init__(self, folder: Path, cfg: FedMetaConfig, device: torch.device | None = None) -> None:
+    """One hospital: its data, its model, and its privacy (policy, ledger) on its own disk.
+
+    ``cfg`` is what the hospital trains with: a run's settings after its policy governed them
+    (:meth:`client.policy.HospitalPolicy.govern`). ``state_dir`` (ledger, default ``HOSPITAL/.fedmeta``)
+    is the hospital's choice; a simulation keeps its virtual hospitals' state under ``data.state-dir``.
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        cfg: FedMetaConfig,
+        device: torch.device | None = None,
+        state_dir: Path | None = None,
+        policy: HospitalPolicy | None = None,
+    ) -> None:
         self.folder = Path(folder)
+        if policy is None:  # a virtual hospital: the run is its policy
+            policy = HospitalPolicy.for_virtual_hospital(cfg)
+            governed = policy.govern(cfg)
+            assert isinstance(governed, FedMetaConfig), governed
+            cfg = governed
         self.cfg = cfg
+        self.policy = policy
         self.device = device or torch.device("cpu")
-        self.state_dir = Path(cfg.data.state_dir) / self.folder.name if cfg.data.state_dir else self.folder / ".fedmeta"
+        self.state_dir = state_dir or virtual_state_dir(self.folder, cfg)
         self.learner = MetaLearner(build_model(cfg.model).to(self.device), cfg.maml)
 
     @cached_property
@@ -130,22 +151,18 @@ class Hospital:
         part = self.data.split(split)
         return part, torch.from_numpy(part.images).to(self.device)
 
-    def open_ledger(self) -> PrivacyLedger:
-        return PrivacyLedger.open(self.state_dir / LEDGER_FILE, self.cfg.privacy)
+    def privacy_units(self, train: HospitalData) -> list[str]:
+        """The protected record of each train image: its patient (when known and the unit) or the image itself."""
+        if self.cfg.privacy.unit == "record":
+            return list(train.record_ids)
+        return [p or r for p, r in zip(train.patient_keys, train.record_ids, strict=True)]
 
-    def calibration(self, ledger: PrivacyLedger) -> NoiseCalibration:
-        """The noise this hospital releases with: fixed in its ledger at the first release."""
-        privacy = self.cfg.privacy
-        if ledger.noise_multiplier is not None:
-            sigma = ledger.noise_multiplier
-        elif privacy.noise_multiplier > 0:
-            sigma = privacy.noise_multiplier
-        else:
-            planned_steps = self.cfg.server.rounds * self.cfg.server.local_steps
-            sigma = calibrate_accountant_noise(
-                privacy.target_epsilon, privacy.delta, privacy.sample_rate, planned_steps, privacy.accountant
-            )
-        return NoiseCalibration(sigma, privacy.max_grad_norm)
+    def private_training(self) -> PrivateTraining:
+        train = self.data.split("train")
+        return PrivateTraining(self.state_dir / LEDGER_FILE, self.cfg.privacy, len(set(self.privacy_units(train))))
+
+    def open_ledger(self) -> PrivacyLedger:
+        return self.private_training().open_ledger()
 
     def train(self, meta_params: Params, server_round: int = 0) -> TrainResult | BudgetExhausted:
         """``local_steps`` meta-gradients at ``meta_params``, averaged; private unless DP is off.
@@ -181,28 +198,31 @@ class Hospital:
                 )
                 for _ in range(steps)
             ]
-            return self._result(outers, [o.mean() for o in outers], epsilon=0.0, dp=False)
+            means = [_finite_mean(o) for o in outers]
+            metrics = {"episodes": float(self.cfg.episode.meta_batch * steps), "epsilon": 0.0, "delta": 0.0, "dp": 0.0}
+            losses = torch.cat([o.query_losses for o in outers])
+            metrics["query-loss"] = float(losses[losses.isfinite()].mean()) if losses.isfinite().any() else 0.0
+            return TrainResult(_mean(means), metrics)
 
         rng = np.random.default_rng(secrets.randbits(128))
-        ledger = self.open_ledger()
-        calibration = self.calibration(ledger)
-        units = [p or r for p, r in zip(train.patient_keys, train.record_ids, strict=True)]
-        groups = episode_groups(units, ledger.grouping_key, privacy.episode_groups)
-        noise = torch.Generator(device=self.device).manual_seed(secrets.randbits(63))
-        release = PrivateRelease(meta_params, calibration, expected_episodes=privacy.groups_per_step, generator=noise)
-        outers, released = [], []
-        refusal = None
-        for _ in range(steps):
-            refusal = ledger.check(calibration.accountant_noise_multiplier, privacy.sample_rate)
-            if refusal is not None:
-                break
-            outer = self._group_outer_grads(meta_params, train.labels, images, groups, privacy, rng)
-            ledger.record(calibration.accountant_noise_multiplier, privacy.sample_rate)  # durable before release
-            outers.append(outer)
-            released.append(release.release(outer))
-        if not released:
-            return refusal
-        return self._result(outers, released, epsilon=ledger.epsilon(), dp=True)
+        units = self.privacy_units(train)
+        groups_by_key: dict[str, np.ndarray] = {}
+
+        def step(grouping_key: str) -> OuterGrads:
+            if grouping_key not in groups_by_key:
+                groups_by_key[grouping_key] = episode_groups(units, grouping_key, privacy.episode_groups)
+            return self._group_outer_grads(meta_params, train.labels, images, groups_by_key[grouping_key], rng)
+
+        outcome = PrivateTraining(self.state_dir / LEDGER_FILE, privacy, len(set(units))).run(meta_params, steps, step)
+        if isinstance(outcome, BudgetExhausted):
+            return outcome
+        metrics = {
+            "episodes": float(privacy.groups_per_step * len(outcome.released)),
+            "epsilon": outcome.epsilon,
+            "delta": outcome.delta,
+            "dp": 1.0,
+        }
+        return TrainResult(_mean(outcome.released), metrics)
 
     def _group_outer_grads(
         self,
@@ -210,7 +230,6 @@ class Hospital:
         labels: np.ndarray,
         images: torch.Tensor,
         groups: np.ndarray,
-        privacy: PrivacyConfig,
         rng: np.random.Generator,
     ) -> OuterGrads:
         """One clipped-to-be gradient per Poisson-sampled group that can form an episode."""
@@ -218,7 +237,7 @@ class Hospital:
         episodes = sampled_group_episodes(
             groups,
             labels,
-            privacy,
+            self.cfg.privacy,
             self.cfg.model.n_way,
             episode.k_shot,
             episode.q_query,
@@ -229,22 +248,6 @@ class Hospital:
             zeros = {n: torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device) for n, p in meta_params.items()}
             return OuterGrads(zeros, torch.zeros(0, device=self.device))
         return self.learner.per_episode_outer_grads(meta_params, stack_episodes(images, episodes))
-
-    def _result(self, outers: list[OuterGrads], grads: list[Params], epsilon: float, dp: bool) -> TrainResult:
-        mean = {n: torch.stack([g[n] for g in grads]).mean(0).float().cpu() for n in grads[0]}
-        losses = torch.cat([o.query_losses for o in outers])
-        episodes = float(len(losses))
-        return TrainResult(
-            outer_grad=mean,
-            metrics={
-                "episodes": episodes,
-                "query-loss": float(losses.mean()) if episodes else 0.0,
-                "epsilon": float(epsilon),
-                "delta": float(self.cfg.privacy.delta) if dp else 0.0,
-                "dp": 1.0 if dp else 0.0,
-                "num-examples": max(episodes, 1.0),
-            },
-        )
 
     def few_shot_tasks(self, seed: int = 0) -> list[FewShotTask]:
         """The evaluation tasks: K labelled train scans per class, the test split as queries."""
@@ -259,15 +262,49 @@ class Hospital:
         )
 
     def evaluate(self, meta_params: Params, steps: int | None = None, seed: int = 0) -> dict[str, float]:
-        """Few-shot metrics on the hospital's test split (aggregates only)."""
+        """Few-shot metrics on the hospital's test split (aggregates only, no counts)."""
         steps = self.cfg.episode.eval_steps if steps is None else steps
         meta_params = {n: p.to(self.device) for n, p in meta_params.items()}
         _, train_images = self._pool("train")
-        test, test_images = self._pool("test")
-        tasks = self.few_shot_tasks(seed)
+        _, test_images = self._pool("test")
         probs, truth = [], []
-        for task in tasks:
+        for task in self.few_shot_tasks(seed):
             probs.append(adapt_and_predict(self.learner, meta_params, task, train_images, test_images, steps))
             truth.append(task.query_y)
         metrics = classification_metrics(np.concatenate(truth), np.concatenate(probs))
-        return {**metrics, "episodes": float(len(tasks)), "num-examples": float(len(test))}
+        return {k: v for k, v in metrics.items() if k in EVALUATE_METRICS}
+
+    def answer_evaluation(self, meta_params: Params) -> dict[str, float] | PolicyRefusal:
+        """:meth:`evaluate` for a server, when the policy lets it: each answer counts against the policy's
+        ``evaluation-requests``, and none is given once the privacy budget is spent."""
+        policy = self.policy
+        private = self.private_training()
+        with PrivacyLedger.locked(private.ledger_path):
+            ledger = private.open_ledger()
+            if ledger.evaluations_answered >= policy.evaluation_requests:
+                return PolicyRefusal(
+                    f"this hospital answers at most evaluation-requests = {policy.evaluation_requests} evaluations "
+                    f"and has answered {ledger.evaluations_answered}"
+                )
+            if self.cfg.privacy.enabled:
+                calibration = private.calibration(ledger)
+                if ledger.check(calibration.accountant_noise_multiplier, self.cfg.privacy.sample_rate) is not None:
+                    return PolicyRefusal("this hospital's privacy budget is spent: it answers no more evaluations")
+            metrics = self.evaluate(meta_params)
+            ledger.record_evaluation()
+            return metrics
+
+
+def virtual_state_dir(folder: Path, cfg: FedMetaConfig) -> Path:
+    """A simulated hospital's state: under ``data.state-dir`` when the simulation sets one, else its own folder."""
+    return Path(cfg.data.state_dir) / folder.name if cfg.data.state_dir else folder / STATE_FOLDER
+
+
+def _finite_mean(outer: OuterGrads) -> Params:
+    """The mean over episodes whose gradient is finite (a diverged episode counts as zero)."""
+    finite = finite_episodes(outer)
+    return {n: torch.where(finite.view(-1, *[1] * (g.dim() - 1)), g, 0.0).mean(0) for n, g in outer.grads.items()}
+
+
+def _mean(grads: list[Params]) -> Params:
+    return {n: torch.stack([g[n] for g in grads]).mean(0).float().cpu() for n in grads[0]}

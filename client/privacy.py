@@ -24,6 +24,7 @@ from opacus.accountants.analysis import rdp as rdp_analysis
 from opacus.accountants.utils import get_noise_multiplier
 from opacus.optimizers import DPOptimizer
 
+from shared.accounting import check_history
 from shared.config import Accountant
 from shared.maml import OuterGrads, Params
 
@@ -38,6 +39,7 @@ def spent_epsilon(kind: Accountant, history: list[tuple[float, float, int]], del
     """Epsilon of an accountant history of (noise multiplier, sample rate, steps)."""
     if not history:
         return 0.0
+    check_history(kind, history, delta)  # PRV's grid grows without bound as the noise shrinks
     with warnings.catch_warnings():  # "optimal order is the largest alpha": the bound is valid, just loose
         warnings.simplefilter("ignore", UserWarning)
         if kind == "rdp":  # what RDPAccountant computes, with each (sigma, q) pair's RDP curve computed once
@@ -60,15 +62,15 @@ def _rdp_per_step(noise_multiplier: float, sample_rate: float) -> np.ndarray:
 
 
 @lru_cache(maxsize=64)
-def calibrate_accountant_noise(
-    target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: Accountant
-) -> float:
+def calibrate_accountant_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
     """Noise multiplier (std over sensitivity) that spends ``target_epsilon`` in ``steps`` steps.
 
+    Always by RDP: PRV's bisection would try noise levels whose grid takes unbounded memory, and PRV's
+    epsilon is never above RDP's, so the RDP noise keeps a PRV ledger within the budget too.
     Cached: the search takes about a second, and every hospital of a run asks the same question
     at its first release (at 1,000 simulated hospitals, each sampled hospital is a first)."""
     return get_noise_multiplier(
-        target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps, accountant=accountant
+        target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps, accountant="rdp"
     )
 
 
@@ -90,6 +92,16 @@ class NoiseCalibration:
     @property
     def opacus_noise_multiplier(self) -> float:
         return self.noise_std / self.max_grad_norm
+
+
+def finite_episodes(outer: OuterGrads) -> torch.Tensor:
+    """``[E]`` booleans: the episodes whose outer-loop gradient is finite in every parameter."""
+    rows = [g.flatten(1).isfinite().all(1) for g in outer.grads.values()]
+    return torch.stack(rows).all(0) if rows else torch.ones(0, dtype=torch.bool)
+
+
+def _rows(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return mask.view(-1, *([1] * (like.dim() - 1)))
 
 
 class PrivateRelease:
@@ -120,8 +132,11 @@ class PrivateRelease:
 
     def _load(self, outer: OuterGrads) -> None:
         self.optimizer.zero_grad(set_to_none=True)
+        finite = finite_episodes(outer)
         for name, p in self.params.items():
-            p.grad_sample = outer.grads[name].to(p.dtype)
+            # A diverged episode counts as a zero gradient: the release stays finite and private, and
+            # whether an episode diverged (which the server can provoke) does not show in the reply.
+            p.grad_sample = torch.where(_rows(finite, outer.grads[name]), outer.grads[name], 0.0).to(p.dtype)
 
     def release(self, outer: OuterGrads) -> Params:
         self._load(outer)

@@ -1,6 +1,9 @@
 """fedmeta's Flower ServerApp: meta-parameters out, private outer-loop gradients in, one run folder.
 
-Restarting with the same ``server.out-dir`` continues from the last complete round.
+Restarting with the same ``server.out-dir`` continues from the last complete round. A run in which no
+hospital can train (all refused, none connected, or no round with enough usable replies) stops early,
+writes its records and report as far as it got, records why in ``run-status.json`` (:mod:`server.outcome`)
+and raises :class:`server.outcome.RunFailed`.
 """
 
 from __future__ import annotations
@@ -16,8 +19,10 @@ from safetensors.torch import save
 
 from server.capture import ReplyCapture
 from server.checkpoint import ServerState, load_latest
+from server.outcome import RunFailed, RunOutcome, rounds_trained, write_outcome
 from server.report import read_metrics, write_report
-from server.strategy import MetaGradientStrategy
+from server.site_dp import SiteLevelDP
+from server.strategy import MetaGradientStrategy, NoHospitalCanTrain
 from shared.atomic import atomic_write, atomic_write_json
 from shared.config import FedMetaConfig
 from shared.errors import UserError
@@ -44,7 +49,6 @@ def initial_state(cfg: FedMetaConfig) -> ServerState:
         optimizer={},
         scheduler={},
         sampler_rng={},
-        site_noise_rng=torch.empty(0, dtype=torch.uint8),
         config=cfg.to_flat(),
     )
 
@@ -90,23 +94,47 @@ def run_federation(grid: Grid, cfg: FedMetaConfig) -> Path:
         heldout = HeldoutHospitals(cfg)
     strategy_class = ReplyCapture if cfg.server.capture_replies else MetaGradientStrategy
     strategy = strategy_class(cfg, run_dir, state, heldout)
-    remaining = cfg.server.rounds - state.round
-    if remaining > 0:
-        strategy.start(
-            grid,
-            ArrayRecord({n: p.detach().clone() for n, p in strategy.params.items()}),
-            num_rounds=remaining,
-            timeout=cfg.server.round_timeout_s,
-            evaluate_fn=strategy.end_round,
-        )
-    final = {n: p.detach().contiguous() for n, p in strategy.params.items()}
-    atomic_write(run_dir / "meta-model.safetensors", lambda f: f.write(save(final)))
-    if heldout is not None:
-        atomic_write_json(run_dir / "heldout-comparison.json", heldout.compare_with_scratch(final))
-    summary = write_report(
-        run_dir, cfg.to_flat(), {"privacy_unit": PRIVACY_UNIT, "rounds_completed": cfg.server.rounds}
+    server = cfg.server
+    runner = (
+        SiteLevelDP(strategy, server.site_noise_multiplier, server.site_clip, server.site_delta)
+        if server.site_dp
+        else strategy
     )
+    write_outcome(run_dir, RunOutcome("running", rounds=cfg.server.rounds))
+    remaining = cfg.server.rounds - state.round
+    stopped = None
+    if remaining > 0:
+        try:
+            runner.start(
+                grid,
+                ArrayRecord({n: p.detach().clone() for n, p in strategy.params.items()}),
+                num_rounds=remaining,
+                timeout=cfg.server.round_timeout_s,
+                evaluate_fn=strategy.end_round,
+            )
+        except NoHospitalCanTrain as err:
+            stopped = str(err)
+    trained = rounds_trained(read_metrics(run_dir))
+    if stopped is None and trained == 0:
+        stopped = strategy.cannot_train(grid) or (
+            f"no round trained the meta-model: every round had fewer than server.min-train-nodes="
+            f"{cfg.server.min_train_nodes} usable replies (each reply's reason is in metrics.jsonl)"
+        )
+    if trained > 0:  # an untrained initialisation is no result
+        final = {n: p.detach().contiguous() for n, p in strategy.params.items()}
+        atomic_write(run_dir / "meta-model.safetensors", lambda f: f.write(save(final)))
+        if heldout is not None and stopped is None:
+            atomic_write_json(run_dir / "heldout-comparison.json", heldout.compare_with_scratch(final))
+    outcome = RunOutcome(
+        "failed" if stopped else "completed", stopped or "", rounds=cfg.server.rounds, rounds_trained=trained
+    )
+    summary = write_report(run_dir, cfg.to_flat(), {"privacy_unit": PRIVACY_UNIT}, outcome)
     print(summary, flush=True)
+    write_outcome(run_dir, outcome)
+    if stopped:
+        for line in f"stopped: {stopped}".splitlines():
+            print(f"fedmeta: {line}", flush=True)
+        raise RunFailed(stopped)
     return run_dir
 
 

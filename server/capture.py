@@ -12,9 +12,9 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
-from flwr.app import ArrayRecord, Message, MessageType, MetricRecord
+from flwr.app import Message, MessageType, MetricRecord
 
-from server.strategy import MetaGradientStrategy
+from server.strategy import Accepted, MetaGradientStrategy
 
 CAPTURE_FILE = "replies.jsonl"
 
@@ -38,16 +38,15 @@ def reply_shape(reply: Message) -> dict[str, Any]:
 class ReplyCapture(MetaGradientStrategy):
     def _capture(self, message_type: str, replies: list[Message]) -> None:
         with open(self.run_dir / CAPTURE_FILE, "a") as f:
-            for hospital, reply in self._by_sender(replies):
-                line = {"round": self.record["round"], "type": message_type, "hospital": hospital}
+            for node, reply, _ in self._by_sender(replies):
+                line = {"round": self.record["round"], "type": message_type, "hospital": self.label(node)}
                 f.write(json.dumps(line | reply_shape(reply)) + "\n")
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def accept_replies(self, replies: Iterable[Message]) -> list[Accepted]:
+        # every train reply passes here, with site-level DP (server.site_dp.SiteLevelDP) or without
         replies = list(replies)
         self._capture(MessageType.TRAIN, replies)
-        return super().aggregate_train(server_round, replies)
+        return super().accept_replies(replies)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         replies = list(replies)

@@ -2,10 +2,12 @@
 
 ``RUN_DIR/checkpoint/round-NNNN/`` holds the meta-parameters (safetensors), the meta-optimizer's and
 scheduler's state (``torch.save``, read back with ``weights_only=True``: no pickle runs) and a JSON
-state (round, sampling RNG, excluded hospitals, per-hospital privacy summary, site-level accountant
-history). A round folder is written aside and renamed into place; ``RUN_DIR/checkpoint/latest``
-names the newest complete one and is replaced atomically, so a kill at any moment leaves the
-previous complete round readable.
+state (round, sampling RNG, hospitals excluded from training and from evaluation, per-hospital privacy
+summary, each hospital's public name, site-level accountant history), keyed by node id. Nothing secret:
+site-level DP noise comes from fresh operating-system randomness every round and is never stored. A
+round folder is written aside and renamed into place; ``RUN_DIR/checkpoint/latest`` names the newest
+complete one and is replaced atomically, so a kill at any moment leaves the previous complete round
+readable.
 """
 
 from __future__ import annotations
@@ -39,9 +41,11 @@ class ServerState:
     optimizer: dict[str, Any]
     scheduler: dict[str, Any]
     sampler_rng: dict[str, Any]
-    site_noise_rng: torch.Tensor
-    excluded: dict[str, str] = field(default_factory=dict)  # hospital -> reason it is not sampled again
-    privacy: dict[str, dict[str, float]] = field(default_factory=dict)  # hospital -> epsilon, delta
+    excluded: dict[int, str] = field(default_factory=dict)  # node id -> why it is not sampled for training again
+    excluded_evaluate: dict[int, str] = field(default_factory=dict)  # ... nor asked to evaluate again
+    # node id -> epsilon (None without DP), delta, dp
+    privacy: dict[int, dict[str, Any]] = field(default_factory=dict)
+    names: dict[int, str] = field(default_factory=dict)  # node id -> the public name the hospital sent
     site_accountant: list[list[float]] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
 
@@ -58,12 +62,13 @@ def save(run_dir: Path, state: ServerState) -> Path:
             staging / "meta-params.safetensors",
         )
         torch.save({"optimizer": state.optimizer, "scheduler": state.scheduler}, staging / "optimizer.pt")
-        save_file({"site_noise_rng": state.site_noise_rng}, staging / "rng.safetensors")
         meta = {
             "round": state.round,
             "sampler_rng": state.sampler_rng,
             "excluded": state.excluded,
+            "excluded_evaluate": state.excluded_evaluate,
             "privacy": state.privacy,
+            "names": state.names,
             "site_accountant": state.site_accountant,
             "config": state.config,
         }
@@ -82,6 +87,11 @@ def save(run_dir: Path, state: ServerState) -> Path:
     return final
 
 
+def by_node(keyed: dict[str, Any]) -> dict[int, Any]:
+    """JSON's string keys back to node ids (a checkpoint from before names were kept says ``node-ID``)."""
+    return {int(str(key).removeprefix("node-")): value for key, value in keyed.items()}
+
+
 def load_latest(run_dir: Path) -> ServerState | None:
     """The newest complete round in ``run_dir``, or ``None`` for a fresh run."""
     pointer = run_dir / "checkpoint" / "latest"
@@ -97,9 +107,10 @@ def load_latest(run_dir: Path) -> ServerState | None:
             optimizer=optimizer["optimizer"],
             scheduler=optimizer["scheduler"],
             sampler_rng=meta["sampler_rng"],
-            site_noise_rng=load_file(folder / "rng.safetensors")["site_noise_rng"],
-            excluded=meta["excluded"],
-            privacy=meta["privacy"],
+            excluded=by_node(meta["excluded"]),
+            excluded_evaluate=by_node(meta.get("excluded_evaluate", {})),
+            privacy=by_node(meta["privacy"]),
+            names=by_node(meta.get("names", {})),
             site_accountant=meta["site_accountant"],
             config=meta["config"],
         )

@@ -1,7 +1,9 @@
 """``fedmeta server``: the server of a real deployment, one command from start to finished run.
 
 It starts a Flower SuperLink (deployment engine, TLS, SuperNode authentication, its state in
-``RUN_DIR/superlink.db``) as its own child, registers every hospital public key found in
+``RUN_DIR/superlink.db``) as its own child, with only the Fleet API on the hospitals' ``--host/--port``
+and the operator's Control and Runtime APIs on ``127.0.0.1:--control-port`` (:mod:`server.superlink`
+says why Flower's own ``flower-superlink`` cannot do that), registers every hospital public key found in
 ``CERTS/hospitals/``, submits the fedmeta run with ``flwr run`` and prints the ServerApp's
 ``fedmeta: round i/R ...`` lines as they come. When the run ends, fails or is interrupted (Ctrl-C,
 SIGTERM) it stops every process it started. Started again with the same ``--out``, it continues from
@@ -20,12 +22,14 @@ import argparse
 import json
 import re
 import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from server.outcome import RunOutcome, read_outcome
 from shared.certs import CA_CERT, SERVER_CERT, SERVER_KEY, hospital_public_keys
 from shared.config import FedMetaConfig, parse_assignments
 from shared.errors import UserError
@@ -43,6 +47,7 @@ from shared.flower_processes import (
     write_connection,
 )
 
+CONTROL_HOST = "127.0.0.1"  # the Control and Runtime APIs listen on loopback only
 LOG_LINE = re.compile(r"^\d\d/\d\d/\d{4} [\d:]+:(WARNING|ERROR):(.*)$")  # the ServerApp's Python logging
 RUN_STARTED = re.compile(r"Successfully started run (\d+)")
 EXCEPTION = re.compile(r"^(?:\w+\.)*(\w+(?:Error|Exception)): (.+)$")  # the last line of a traceback
@@ -57,7 +62,8 @@ def say(message: str) -> None:
 class ServerSettings:
     cfg: FedMetaConfig  # the run config submitted; cfg.server.out_dir is the run folder
     host: str
-    port: int
+    port: int  # the hospitals' port: Fleet API only
+    control_port: int  # the operator's port, on loopback: Control and Runtime APIs
     certs: Path | None  # None: --insecure
     min_hospitals: int
 
@@ -66,10 +72,9 @@ class ServerSettings:
         return Path(self.cfg.server.out_dir)
 
     @property
-    def address(self) -> str:
+    def control_address(self) -> str:
         """Where this machine's ``flwr`` and the SuperLink's own SuperExec reach it (inside the cert's SAN)."""
-        local = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
-        return f"{local}:{self.port}"
+        return f"{CONTROL_HOST}:{self.control_port}"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -82,6 +87,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 to accept hospitals on other machines"
     )
     parser.add_argument("--port", type=int, default=8000, help="the one port hospitals connect to (default 8000)")
+    parser.add_argument(
+        "--control-port",
+        type=int,
+        default=None,
+        help="the operator's port on 127.0.0.1 (register keys, submit and stop runs; default --port + 1)",
+    )
     parser.add_argument("--certs", type=Path, help="folder made by `fedmeta certs` (ca.crt, server.*, hospitals/)")
     parser.add_argument("--insecure", action="store_true", help="no TLS, no hospital authentication: a local trial")
     parser.add_argument(
@@ -109,7 +120,11 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     min_hospitals = cfg.server.min_train_nodes if args.min_hospitals is None else args.min_hospitals
     if min_hospitals < 1:
         raise UserError(f"--min-hospitals {min_hospitals}: wait for at least one hospital")
-    return ServerSettings(cfg, args.host, args.port, args.certs and args.certs.resolve(), min_hospitals)
+    control_port = args.port + 1 if args.control_port is None else args.control_port
+    if control_port == args.port:
+        raise UserError(f"--control-port {control_port}: pick a port other than --port, which hospitals reach")
+    certs = args.certs and args.certs.resolve()
+    return ServerSettings(cfg, args.host, args.port, control_port, certs, min_hospitals)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -128,14 +143,22 @@ def check_certs(certs: Path) -> dict[str, Path]:
     keys = hospital_public_keys(certs)
     if not keys:
         raise UserError(
-            f"no hospital keys in {certs}/hospitals: add them with `fedmeta certs --out {certs} --hospitals NAME ...` "
-            "or copy a hospital's NAME.key.pub there"
+            f"no hospital keys in {certs}/hospitals: copy each hospital's NAME.key.pub there "
+            "(made at the hospital by `fedmeta certs --hospital-key NAME`)"
         )
     return keys
 
 
 def superlink_command(settings: ServerSettings) -> list[str]:
-    command = [flower_bin("flower-superlink")]
+    command = [
+        sys.executable,
+        "-m",
+        "server.superlink",
+        "--fleet-host",
+        settings.host,
+        "--fleet-port",
+        str(settings.port),
+    ]
     if settings.certs is None:
         command.append("--insecure")
     else:
@@ -149,8 +172,8 @@ def superlink_command(settings: ServerSettings) -> list[str]:
     return [
         *command,
         *("--isolation", "subprocess"),
-        *("--host", settings.host),
-        *("--port", str(settings.port)),
+        *("--host", CONTROL_HOST),
+        *("--port", str(settings.control_port)),
         *("--database", str(settings.run_dir / "superlink.db")),
     ]
 
@@ -210,12 +233,15 @@ class RunOutput:
     def __init__(self) -> None:
         self.run_id: str | None = None
         self.failure = ""
+        self.stopping = False  # the ServerApp printed why it stops: the command's error says it once
 
     def __call__(self, line: str) -> None:
         if started := RUN_STARTED.search(line):
             self.run_id = started.group(1)
         elif line.startswith("fedmeta:"):
-            print(line, flush=True)
+            self.stopping = self.stopping or line.startswith("fedmeta: stopped:")
+            if not self.stopping:
+                print(line, flush=True)
         elif raised := EXCEPTION.match(line):
             self.failure = f"{raised.group(1)}: {raised.group(2)}"
         elif (logged := LOG_LINE.match(line)) and "Exit Code" not in line:
@@ -226,35 +252,46 @@ class RunOutput:
 def serve(settings: ServerSettings) -> None:
     run_dir = settings.run_dir
     keys = check_certs(settings.certs) if settings.certs else {}
-    if not port_is_free(settings.host, settings.port):
-        raise UserError(
-            f"port {settings.port} on {settings.host} is in use (another fedmeta server?): "
-            "stop it or pick another --port"
-        )
+    for host, port, option in (
+        (settings.host, settings.port, "--port"),
+        (CONTROL_HOST, settings.control_port, "--control-port"),
+    ):
+        if not port_is_free(host, port):
+            raise UserError(
+                f"port {port} on {host} is in use (another fedmeta server?): stop it or pick another {option}"
+            )
     run_dir.mkdir(parents=True, exist_ok=True)
     flwr_home = run_dir / "flwr-home"
-    write_connection(flwr_home, CONNECTION, settings.address, settings.certs and settings.certs / CA_CERT)
+    write_connection(flwr_home, CONNECTION, settings.control_address, settings.certs and settings.certs / CA_CERT)
     env = flower_env(flwr_home)
     log_path = run_dir / "superlink.log"
     with sigterm_as_interrupt(), open(log_path, "ab") as log_file:
         superlink = ProcessTree(superlink_command(settings), env, log_file)
         try:
-            wait_for_port(settings.port, superlink, log_path)
+            wait_for_port(settings.control_port, superlink, log_path)
             security = "TLS, hospital authentication" if settings.certs else "INSECURE"
-            say(f"SuperLink on {settings.host}:{settings.port} ({security}); log {log_path}")
+            say(
+                f"SuperLink: hospitals on {settings.host}:{settings.port} (Fleet API only, {security}); "
+                f"operator on {settings.control_address} (this machine only); log {log_path}"
+            )
             register_hospitals(keys, env)
             if settings.min_hospitals > settings.cfg.server.min_train_nodes:
                 wait_for_hospitals(settings, env)
             else:
                 say(f"round 1 starts when {settings.cfg.server.min_train_nodes} hospitals are connected")
-            submit(settings, env)
+            outcome = submit(settings, env)
         finally:
             stop_process_tree(superlink)
+    if outcome is not None and outcome.rounds_trained < outcome.rounds:
+        say(
+            f"warning: {outcome.rounds_trained} of {outcome.rounds} rounds trained the meta-model; the others had "
+            "fewer than server.min-train-nodes usable replies (reasons in metrics.jsonl)"
+        )
     say(f"finished; results in {run_dir} (metrics.jsonl, MODEL_CARD.md, meta-model.safetensors)")
 
 
-def submit(settings: ServerSettings, env: dict[str, str]) -> None:
-    """``flwr run`` the fedmeta app with the run config and follow it to the end."""
+def submit(settings: ServerSettings, env: dict[str, str]) -> RunOutcome | None:
+    """``flwr run`` the fedmeta app with the run config and follow it to the end; how the ServerApp says it ended."""
     run_dir = settings.run_dir
     log_path = run_dir / "flwr-run.log"
     output = RunOutput()
@@ -265,8 +302,12 @@ def submit(settings: ServerSettings, env: dict[str, str]) -> None:
         stop_process_tree(process)
     if output.run_id is None:
         raise UserError(f"`flwr run` could not start the run (status {status}); see {log_path}")
+    outcome = read_outcome(run_dir)
+    if outcome is not None and outcome.state == "failed":
+        raise UserError(f"the run stopped: {outcome.reason}\nrecords and report so far in {run_dir}")
     runs = flwr_json(["ls", CONNECTION, "--run-id", output.run_id], env).get("runs", [])
     state = runs[0].get("status", "unknown") if runs else "unknown"
     if state != "finished:completed":
         reason = f": {output.failure}" if output.failure else ""
         raise UserError(f"the fedmeta run ended {state}{reason}; see {log_path}")
+    return outcome

@@ -1,8 +1,10 @@
 """A hospital's adapted model on disk: one folder, no pickle.
 
 ``MODEL_OUT/adapted-model.safetensors`` holds the weights and, in the safetensors header's metadata,
-everything prediction needs: the format name and version, the label names, the architecture and the
-preprocessing settings with their fingerprint. ``MODEL_OUT/model-card.json`` is the human record of how
+everything prediction needs: the format name and version, the label names, the architecture, the
+preprocessing settings with their fingerprint and the modalities of the scans it was adapted on (DICOM
+Modality defined terms, PS3.3 C.7.3.1.1.1; absent from models written before they were recorded, which
+then accept any image modality). ``MODEL_OUT/model-card.json`` is the human record of how
 the model was made and how well it did (``fedmeta adapt`` writes it; prediction never reads it).
 
 Loading checks the format version and that this fedmeta's DICOM reader gives the pixels the model was
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -36,6 +39,7 @@ FORMAT_VERSION = 1
 WEIGHTS_FILE = "adapted-model.safetensors"
 CARD_FILE = "model-card.json"
 PREDICT_BATCH = 256
+MODALITY_TERM = re.compile(r"[A-Z0-9_]{1,16}|unknown")  # a Modality (CS) defined term, or the reader's 'unknown'
 
 
 @dataclass(frozen=True, eq=False)
@@ -44,6 +48,7 @@ class AdaptedModel:
     label_names: tuple[str, ...]
     model: ModelConfig
     preprocess: PreprocessConfig
+    modalities: tuple[str, ...] = ()  # Modality of the scans adapted on; () when not recorded (accept any image)
 
     def header(self) -> dict[str, Any]:
         return {
@@ -51,6 +56,7 @@ class AdaptedModel:
             "model": dataclasses.asdict(self.model),
             "preprocess": dataclasses.asdict(self.preprocess),
             "preprocess_fingerprint": self.preprocess.fingerprint(),
+            "modalities": list(self.modalities),
         }
 
     @cached_property
@@ -114,11 +120,15 @@ def load_adapted_model(path: Path) -> AdaptedModel:
         header = json.loads(metadata["header"])
         preprocess_settings = dict(header["preprocess"])
         preprocess_settings["window_percentiles"] = tuple(preprocess_settings["window_percentiles"])
+        modalities = header.get("modalities", [])  # older models: not recorded
+        if not isinstance(modalities, list) or not all(MODALITY_TERM.fullmatch(str(m)) for m in modalities):
+            raise ValueError("modalities")
         model = AdaptedModel(
             params=params,
             label_names=tuple(str(name) for name in header["label_names"]),
             model=ModelConfig(**header["model"]),
             preprocess=PreprocessConfig(**preprocess_settings),
+            modalities=tuple(str(m) for m in modalities),
         )
         fingerprint = str(header["preprocess_fingerprint"])
     except (KeyError, TypeError, ValueError):

@@ -1,11 +1,16 @@
 """``fedmeta certs``: the TLS certificates and hospital keys of a real deployment, made offline.
 
-Layout of the output folder::
+At the server, ``fedmeta certs --out certs --server-host HOST ...`` writes::
 
     ca.crt                    the CA every hospital trusts (copy it to each hospital)
     server.pem, server.key    the SuperLink's certificate (SAN: --server-host names, localhost, 127.0.0.1)
-    hospitals/NAME.key        a hospital's private key (OpenSSH, NIST P-384, as Flower's node auth needs)
-    hospitals/NAME.key.pub    its public key, registered at the SuperLink by ``fedmeta server``
+    hospitals/                where the operator puts each hospital's NAME.key.pub
+
+At each hospital, ``fedmeta certs --hospital-key NAME --out keys`` writes ``keys/NAME.key`` (its private
+key: OpenSSH, NIST P-384, as Flower's node auth needs; it never leaves the site) and ``keys/NAME.key.pub``,
+the only file the hospital sends to the operator, who copies it to ``certs/hospitals/``; ``fedmeta server``
+registers it. For a trial on one machine, ``--hospitals NAME ...`` makes the key pairs in
+``certs/hospitals/`` instead.
 
 The CA's private key is used once and never written: nobody can mint another certificate for this
 deployment, and a new server host name means a new folder. Existing files are never overwritten:
@@ -121,23 +126,37 @@ def _write_ca_and_server(out: Path, hosts: list[str]) -> None:
     _write_new(out / SERVER_KEY, server_key.private_bytes(pem, key_format, serialization.NoEncryption()), True)
 
 
-def _write_hospital_key(certs_dir: Path, name: str) -> None:
+def _check_name(name: str) -> None:
+    if not HOSPITAL_NAME.fullmatch(name):
+        raise UserError(f"hospital name {name!r}: use letters, digits, '.', '_' and '-' (no spaces or slashes)")
+
+
+def _write_key_pair(path: Path, name: str) -> None:
     key = _new_key()
     ssh = serialization.Encoding.OpenSSH
     private = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
     )
     public = key.public_key().public_bytes(ssh, serialization.PublicFormat.OpenSSH) + f" {name}\n".encode()
-    path = hospital_key(certs_dir, name)
     _write_new(path, private, private=True)
     _write_new(path.with_name(path.name + ".pub"), public)
+
+
+def make_hospital_key(out: Path, name: str) -> list[str]:
+    """At a hospital: its own key pair ``out/NAME.key`` and ``out/NAME.key.pub``; an existing one is kept."""
+    _check_name(name)
+    out.mkdir(parents=True, exist_ok=True)
+    key = out / f"{name}.key"
+    if key.exists():
+        return [f"kept {key}; send {key}.pub to the server's operator"]
+    _write_key_pair(key, name)
+    return [f"wrote {key} (keep it here) and {key}.pub: send only {key.name}.pub to the server's operator"]
 
 
 def make_certs(out: Path, hospitals: list[str], server_hosts: list[str]) -> list[str]:
     """Create what is missing in ``out``; return one line per thing made or kept."""
     for name in hospitals:
-        if not HOSPITAL_NAME.fullmatch(name):
-            raise UserError(f"hospital name {name!r}: use letters, digits, '.', '_' and '-' (no spaces or slashes)")
+        _check_name(name)
     (out / HOSPITALS).mkdir(parents=True, exist_ok=True)
     done = []
     if (out / CA_CERT).exists():
@@ -155,17 +174,22 @@ def make_certs(out: Path, hospitals: list[str], server_hosts: list[str]) -> list
         if key.exists():
             done.append(f"kept {key}")
         else:
-            _write_hospital_key(out, name)
+            _write_key_pair(key, name)
             done.append(f"wrote {key} and {key.name}.pub")
     return done
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "certs", help="make the CA, the server certificate and one key pair per hospital (offline)"
+        "certs", help="make the CA and server certificate (at the server), or a hospital's key pair (at the hospital)"
     )
-    parser.add_argument("--out", type=Path, required=True, help="folder to write ca.crt, server.*, hospitals/ to")
-    parser.add_argument("--hospitals", nargs="+", required=True, metavar="NAME", help="one key pair per name")
+    parser.add_argument("--out", type=Path, required=True, help="folder to write to")
+    parser.add_argument(
+        "--hospital-key", metavar="NAME", help="at a hospital: make only its key pair NAME.key, NAME.key.pub"
+    )
+    parser.add_argument(
+        "--hospitals", nargs="+", default=[], metavar="NAME", help="trials: also make these hospitals' key pairs"
+    )
     parser.add_argument(
         "--server-host",
         nargs="+",
@@ -177,6 +201,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    for line in make_certs(args.out, args.hospitals, args.server_host):
+    if args.hospital_key is not None:
+        if args.hospitals or args.server_host:
+            raise UserError("--hospital-key makes only a hospital's key pair: leave out --hospitals and --server-host")
+        lines = make_hospital_key(args.out, args.hospital_key)
+    else:
+        lines = make_certs(args.out, args.hospitals, args.server_host)
+    for line in lines:
         print(line)
     return 0

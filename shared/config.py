@@ -22,6 +22,7 @@ Aggregation = Literal["episodes", "uniform"]
 ServerOptimizer = Literal["adam", "sgd"]
 LrSchedule = Literal["constant", "cosine"]
 TaskKind = Literal["class-subsets", "one-vs-rest"]
+PrivacyUnit = Literal["patient", "record"]
 
 
 class ConfigError(UserError, ValueError):
@@ -87,9 +88,12 @@ class EpisodeConfig:
 
 @dataclass(frozen=True)
 class PrivacyConfig:
+    """What a run asks of its hospitals' privacy. A real hospital's own policy (client.policy) decides:
+    a run may make it stricter, never looser. Virtual hospitals of a simulation take these as their policy."""
+
     enabled: bool = True
     max_grad_norm: float = 1.0
-    noise_multiplier: float = 0.0  # 0 means: calibrate from target_epsilon
+    noise_multiplier: float = 0.0  # 0 means: calibrate from target_epsilon over planned_releases
     target_epsilon: float = 8.0
     delta: float = 1e-5
     accountant: Accountant = "rdp"
@@ -97,6 +101,10 @@ class PrivacyConfig:
     # groups at rate groups_per_step / episode_groups.
     episode_groups: int = 16
     groups_per_step: int = 4
+    # One patient's scans (when the hospital's labels name patients) or one scan is the protected record.
+    unit: PrivacyUnit = "patient"
+    # Releases the noise is calibrated for (target_epsilon spent after this many); 0: server.rounds x local-steps.
+    planned_releases: int = 0
 
     def __post_init__(self) -> None:
         if not 1 <= self.groups_per_step <= self.episode_groups:
@@ -108,8 +116,10 @@ class PrivacyConfig:
             raise ConfigError(f"privacy.max-grad-norm={self.max_grad_norm}: must be > 0")
         if not 0 < self.delta < 1:
             raise ConfigError(f"privacy.delta={self.delta}: must be in (0, 1)")
-        if self.noise_multiplier < 0 or self.target_epsilon <= 0:
-            raise ConfigError("privacy.noise-multiplier must be >= 0 and privacy.target-epsilon > 0")
+        if self.noise_multiplier < 0 or self.target_epsilon <= 0 or self.planned_releases < 0:
+            raise ConfigError(
+                "privacy.noise-multiplier and privacy.planned-releases must be >= 0, privacy.target-epsilon > 0"
+            )
 
     @property
     def sample_rate(self) -> float:
@@ -258,11 +268,11 @@ def _coerce(cls: type, values: dict[str, Any], prefix: str) -> dict[str, Any]:
         if name not in hints or dataclasses.is_dataclass(hints[name]):
             known = ", ".join(prefix + f.name.replace("_", "-") for f in fields(cls))
             raise ConfigError(f"unknown config key '{key}' (known: {known})")
-        out[name] = _coerce_value(key, hints[name], value)
+        out[name] = coerce_value(key, hints[name], value)
     return out
 
 
-def _coerce_value(key: str, hint: Any, value: Any) -> Any:
+def coerce_value(key: str, hint: Any, value: Any) -> Any:
     choices = get_args(hint)
     if choices and all(isinstance(c, str) for c in choices):
         if value not in choices:

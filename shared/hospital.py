@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from shared.atomic import PRIVATE_DIR
 from shared.dicom import DicomReadError, PreprocessConfig, decoder_versions, read_dicom
 from shared.errors import UserError
 from shared.scan_cache import FileState, ScanCache, ScanEntry, atomic_write
@@ -329,7 +330,7 @@ def _default_split(key: str) -> str:
 def _write_report(cache_dir: Path, report: IngestReport) -> None:
     encoded = report.to_json().encode()
     try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
+        cache_dir.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
         atomic_write(cache_dir / REPORT_NAME, lambda f: f.write(encoded))
     except OSError:
         logger.warning("the ingest report could not be written to the cache folder")
@@ -472,13 +473,24 @@ def _read_secret(path: Path) -> bytes:
     return secret
 
 
-def _create_secret(path: Path) -> bytes:
+def write_site_secret(folder: Path, secret: bytes) -> None:
+    """Give a hospital folder that we create ourselves (a simulated one) a chosen secret instead of a random one.
+
+    A simulation derives it from its seed so that splits repeat from run to run; a real hospital's secret is
+    random, drawn on first use, because it is what keeps its patients' keys and episode groups unguessable.
+    """
+    if len(secret) != 32:
+        raise ValueError(f"a site secret is 32 bytes, got {len(secret)}")
+    _create_secret(folder / STATE_FOLDER / SECRET_NAME, secret)
+
+
+def _create_secret(path: Path, secret: bytes | None = None) -> bytes:
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     temp = path.with_name(f".tmp-{secrets.token_hex(8)}")
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_hex(32))
+            f.write(secret.hex() if secret is not None else secrets.token_hex(32))
             f.flush()
             os.fsync(f.fileno())
         with contextlib.suppress(FileExistsError):

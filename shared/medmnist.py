@@ -11,7 +11,9 @@ says, and each task's images are partitioned among its hospitals:
 
 The npz split is kept in labels.csv (train and val -> ``train``, test -> ``test``), and file names say
 where each image came from (``pneumonia/val/00012.dcm``). Grayscale images are written with a
-LINEAR_EXACT window over the full 8-bit range, so the reader gives back ``stored / 255`` exactly.
+LINEAR_EXACT window over the full 8-bit range, so the reader gives back ``stored / 255`` exactly. Each
+hospital's site secret is derived from ``(seed, hospital index)``, as for synthetic hospitals: an imported
+federation is simulation data, and a seeded run on it repeats itself.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
 
 from shared.dicom_write import ANONYMOUS, write_image
 from shared.errors import UserError
-from shared.synthetic import gaussian_blur, hospital_name
+from shared.hospital import write_site_secret
+from shared.synthetic import gaussian_blur, hospital_name, simulated_site_secret
 
 Partition = Literal["iid", "dirichlet", "site-shift"]
 PARTITIONS: tuple[Partition, ...] = ("iid", "dirichlet", "site-shift")
@@ -210,6 +213,7 @@ def _write_hospital(
     writer.writerow(("file", "label", "split"))
     writer.writerows(rows)
     (folder / "labels.csv").write_text(buffer.getvalue())
+    write_site_secret(folder, simulated_site_secret(seed, hospital_index, "medmnist"))
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from shared.atomic import TEMP_PREFIX, atomic_write
+from shared.atomic import PRIVATE_DIR, TEMP_PREFIX, atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ class ScanCache:
         self.journal = root / "journal"
         self.writable = True
         try:
-            self.journal.mkdir(parents=True, exist_ok=True)
+            self.journal.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
         except OSError:
             self._disable_writes()
         self._index = self._read_index()

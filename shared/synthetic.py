@@ -8,7 +8,9 @@ syntax, photometric interpretation) and its own shift: contrast, brightness, noi
 resolution and aspect, stored-value calibration (CT rescale, window) and class balance.
 
 Everything follows from ``(seed, hospital index[, image index])``, so a hospital can be created lazily
-on first use, and the same seed gives the same bytes. Patient names, ids, dates and institutions are
+on first use, and the same seed gives the same bytes. That includes the hospital's site secret (which keys
+its splits): a simulated hospital gets one derived from the seed, so a seeded run repeats itself, where a
+real hospital draws its own at random. Patient names, ids, dates and institutions are
 synthetic but present, so privacy tests have something to look for.
 """
 
@@ -16,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
+import hmac
 import io
 import os
 import secrets
@@ -40,6 +44,7 @@ from pydicom.uid import (
 
 from shared.dicom_write import StudyIdentity, write_image
 from shared.errors import UserError
+from shared.hospital import write_site_secret
 
 LESIONS = ("normal", "nodule", "ring", "streak")
 SIZE_TASK = ("large-nodule", "small-nodule")
@@ -114,8 +119,14 @@ def hospital_name(hospital_index: int) -> str:
     return f"hospital-{hospital_index:03d}"
 
 
+def simulated_site_secret(seed: int, hospital_index: int, source: str = "synthetic") -> bytes:
+    """A simulated hospital's site secret: HMAC-SHA256 keyed by the seed (and data source) of the hospital index."""
+    return hmac.new(f"fedmeta {source} seed {seed}".encode(), str(hospital_index).encode(), hashlib.sha256).digest()
+
+
 def write_synthetic_hospital(out_dir: str | Path, hospital_index: int, seed: int, n_images: int | None = None) -> Path:
-    """Create ``out_dir/hospital-NNN`` (DICOM files and labels.csv) unless it exists; return its path.
+    """Create ``out_dir/hospital-NNN`` (DICOM files, labels.csv and its site secret) unless it exists; return
+    its path.
 
     The folder appears whole or not at all (written aside, then renamed), so concurrent or killed
     creators never leave half a hospital.
@@ -132,6 +143,7 @@ def write_synthetic_hospital(out_dir: str | Path, hospital_index: int, seed: int
     staging = out_dir / f".tmp-{folder.name}-{secrets.token_hex(4)}"
     try:
         _write_hospital(staging, profile, seed, n_images)
+        write_site_secret(staging, simulated_site_secret(seed, hospital_index))
         try:
             os.rename(staging, folder)
         except OSError:

@@ -2,13 +2,16 @@
 
 Server -> hospital: the meta-parameters (named float32 arrays of the model's exact shapes) and a
 config record. Hospital -> server: one outer-loop gradient per meta-parameter (same names, shapes,
-dtype) and the scalar metrics in :data:`TRAIN_METRICS` / :data:`EVALUATE_METRICS`. Nothing else:
-no images, embeddings, per-sample values, file names or DICOM tags. Both sides validate every
-message with :class:`WireSchema` and reject what does not fit.
+dtype) and the scalar metrics in :data:`TRAIN_METRICS` / :data:`EVALUATE_METRICS`, plus the hospital's
+public name (a setting the hospital chose, under :data:`HOSPITAL_KEY`, and as the ``[name]`` prefix of an
+error's reason: an Error carries only a code and a reason). Nothing else: no images, embeddings,
+per-sample values, file names or DICOM tags. Both sides validate every message with
+:class:`WireSchema` and :func:`validate_hospital_name` and reject what does not fit.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -18,21 +21,16 @@ from shared.errors import UserError
 
 WIRE_DTYPE = np.dtype("float32")
 
-# Scalar metrics a train reply carries (all numbers; `dp` is 1.0 when DP ran, 0.0 when it was off,
-# `refused` is 1.0 when the hospital's privacy budget is spent and it did not train).
-TRAIN_METRICS = frozenset({"episodes", "query-loss", "epsilon", "delta", "dp", "refused", "num-examples"})
-EVALUATE_METRICS = frozenset(
-    {
-        "episodes",
-        "queries",
-        "accuracy",
-        "balanced-accuracy",
-        "auc",
-        "sensitivity",
-        "specificity",
-        "num-examples",
-    }
-)
+# Scalar metrics of a train reply. Each depends only on public settings or is itself private:
+# `episodes` is the number of episodes the released mean gradient is normalised by (episode.meta-batch,
+# or privacy.groups-per-step under DP, times the releases made): a public setting, never a count of data;
+# `epsilon` and `delta` are the hospital's lifetime spend by its ledger; `dp` is 1.0 when DP ran.
+TRAIN_METRICS = frozenset({"episodes", "epsilon", "delta", "dp"})
+# Only a reply without DP may add the mean training query loss (un-noised, so never under DP).
+NO_DP_TRAIN_METRICS = TRAIN_METRICS | {"query-loss"}
+# Few-shot metrics a hospital's evaluation reply carries, when its privacy policy lets it answer at all.
+# No counts (of scans, queries or tasks) cross.
+EVALUATE_METRICS = frozenset({"accuracy", "balanced-accuracy", "auc", "sensitivity", "specificity"})
 
 
 class WireError(UserError):
@@ -69,13 +67,55 @@ class WireSchema:
                 raise WireError(f"{what}: '{name}' has non-finite values (NaN or inf); the sender diverged")
 
 
-def validate_metrics(metrics: Mapping[str, object], allowed: frozenset[str], what: str) -> None:
+def validate_metrics(
+    metrics: Mapping[str, object], allowed: frozenset[str], what: str, required: frozenset[str] = frozenset()
+) -> None:
+    """Raise :class:`WireError` for a key outside ``allowed``, a missing ``required`` key or a non-finite value."""
     unexpected = sorted(set(metrics) - allowed)
     if unexpected:
         raise WireError(f"{what}: unexpected metric keys {unexpected}; only {sorted(allowed)} may cross")
+    missing = sorted(required - set(metrics))
+    if missing:
+        raise WireError(f"{what}: metric keys {missing} are missing; hospital and server must run the same fedmeta")
     for key, value in metrics.items():
         if not isinstance(value, int | float) or not np.isfinite(value):
             raise WireError(f"{what}: metric '{key}'={value!r} is not a finite number")
+
+
+# A hospital's public name: what the operator sees in round lines, records and the model card.
+HOSPITAL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+# An error reason that names its hospital: "[h0] privacy budget exhausted ...".
+NAMED_REASON = re.compile(r"\[([^\]]*)\] (.*)", re.DOTALL)
+
+
+def validate_hospital_name(name: object, what: str) -> str:
+    """``name`` when it is a public hospital name: 1-64 letters, digits, '.', '_' or '-', starting alphanumeric."""
+    if not isinstance(name, str) or not HOSPITAL_NAME.fullmatch(name):
+        raise WireError(
+            f"{what}: hospital name {str(name)[:80]!r} does not fit; use 1-64 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def validate_hospital_record(record: Mapping[str, object], what: str) -> str:
+    """The name in a :data:`HOSPITAL_KEY` config record, which holds exactly ``{"name": str}``."""
+    if set(record) != {"name"}:
+        raise WireError(f"{what}: '{HOSPITAL_KEY}' holds {sorted(record)}; only ['name'] may cross")
+    return validate_hospital_name(record["name"], what)
+
+
+def named_reason(name: str, reason: str) -> str:
+    return f"[{name}] {reason}"
+
+
+def split_named_reason(reason: str | None, what: str) -> tuple[str | None, str]:
+    """(hospital name or None, the rest) of an error reason; a ``[name]`` prefix that does not fit raises."""
+    text = reason or ""
+    named = NAMED_REASON.fullmatch(text)
+    if named is None:
+        return None, text
+    return validate_hospital_name(named.group(1), what), named.group(2)
 
 
 # Record keys and error codes of fedmeta's messages (Flower's own codes are below 1000).
@@ -83,6 +123,10 @@ PARAMS_KEY = "meta-params"
 GRADIENT_KEY = "outer-grad"
 METRICS_KEY = "metrics"
 CONFIG_KEY = "config"
+HOSPITAL_KEY = "hospital"  # ConfigRecord {"name": the hospital's public name}, in every reply with content
 REFUSED_BUDGET = 1001  # the hospital's privacy budget is spent: stop sampling it
 REJECTED_MESSAGE = 1002  # the server's message did not fit the wire contract
 HOSPITAL_UNAVAILABLE = 1003  # the hospital's data could not be used (details stay in its own log)
+# The run asks for less privacy or more work than the hospital's own policy allows, or for an evaluation the
+# policy does not answer: the reason names the setting; the run's settings do not change, so stop asking.
+REFUSED_POLICY = 1004

@@ -8,8 +8,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from shared.dicom import PreprocessConfig
-from shared.hospital import load_hospital
+from shared.hospital import HospitalData, load_hospital
 from shared.synthetic import site_profile, write_synthetic_hospital
 
 
@@ -28,8 +30,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         started = time.perf_counter()
         folder = write_synthetic_hospital(Path(tmp), args.hospital_index, args.seed, n_images=args.files)
         generate_s = time.perf_counter() - started
-        first = load_hospital(folder, preprocess).report
-        cached = load_hospital(folder, preprocess).report
+        first_data = load_hospital(folder, preprocess)
+        cached_data = load_hospital(folder, preprocess)
+    first, cached = first_data.report, cached_data.report
     return {
         "benchmark": "ingest",
         "files": first.files,
@@ -42,7 +45,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "first_pass_files_per_s": round(first.files / first.seconds, 1),
         "cached_s": round(cached.seconds, 4),
         "cached_files_per_s": round(cached.files / cached.seconds, 1),
+        "first_pass_from_cache": first.from_cache,
         "cached_from_cache": cached.from_cache,
+        "cached_identical": _same_data(first_data, cached_data),
         "speedup": round(first.seconds / cached.seconds, 1),
         "target_speedup": 10,
     }
+
+
+def _same_data(a: HospitalData, b: HospitalData) -> bool:
+    """Whether the cached pass gave back exactly what the first pass read."""
+    return (
+        np.array_equal(a.images, b.images)
+        and np.array_equal(a.labels, b.labels)
+        and np.array_equal(a.splits, b.splits)
+        and a.record_ids == b.record_ids
+        and a.patient_keys == b.patient_keys
+        and a.label_names == b.label_names
+    )

@@ -4,7 +4,7 @@ They live in ``FEDERATION/heldout/hospital-NNN``; in a synthetic federation they
 first use from another seed stream than the training hospitals, so their scanners and label sets
 are new. Each is evaluated on few-shot tasks (K labelled scans per class from its train split,
 queries = its whole test split), and at the end compared with a model trained from scratch on
-exactly the same shots.
+exactly the same shots. The hospitals (their site secrets included) and the tasks follow the run's seed.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ class HeldoutHospitals:
         results = {}
         for folder in self.folders:
             try:
-                results[folder.name] = self.hospital(folder).evaluate(meta_params)
+                results[folder.name] = self.hospital(folder).evaluate(meta_params, seed=self.cfg.seed)
             except UserError as err:
                 log.warning("held-out %s skipped: %s", folder.name, err)
         return results
@@ -73,7 +73,7 @@ class HeldoutHospitals:
         for folder in self.folders:
             try:
                 hospital = self.hospital(folder)
-                tasks = hospital.few_shot_tasks()
+                tasks = hospital.few_shot_tasks(self.cfg.seed)
             except UserError as err:
                 log.warning("held-out %s skipped: %s", folder.name, err)
                 continue

@@ -19,10 +19,11 @@ from typing import Any
 import psutil
 from tqdm import tqdm
 
+from server.outcome import read_outcome
 from server.report import read_metrics
 from shared.config import FedMetaConfig, parse_assignments
 from shared.errors import UserError
-from shared.flower_processes import stop_process_tree
+from shared.flower_processes import sigterm_as_interrupt, stop_process_tree
 from simulations.launcher import flwr_run, simulation_superlink
 
 HELDOUT_METHODS = ("meta", "meta+fine-tune", "scratch")
@@ -145,6 +146,9 @@ def run_simulation(cfg: FedMetaConfig, hospitals: int, quiet: bool = False, engi
         progress.close()
         memory.stop.set()
         memory.join()
+    outcome = read_outcome(run_dir)
+    if outcome is not None and outcome.state == "failed":
+        raise UserError(f"the simulation stopped: {outcome.reason}\nrecords and report so far in {run_dir}")
     records = read_metrics(run_dir)
     if len(records) < cfg.server.rounds or not (run_dir / "meta-model.safetensors").exists():
         raise UserError(
@@ -197,7 +201,8 @@ def _run_in_process(cfg: FedMetaConfig, hospitals: int, progress: tqdm) -> None:
         except BaseException as err:  # re-raised in the caller's thread
             failure.append(err)
 
-    worker = threading.Thread(target=federation, name="federation")
+    # A daemon: an interrupted run exits without waiting for the round in progress (rounds are checkpointed).
+    worker = threading.Thread(target=federation, name="federation", daemon=True)
     worker.start()
     while worker.is_alive():
         worker.join(timeout=1.0)
@@ -235,8 +240,8 @@ def results_table(result: dict[str, Any]) -> str:
     epsilon = result["epsilon"]
     if not epsilon:
         lines.append("  DP off" if result["epsilon_max"] == 0 else "  none reported")
-    for hospital, value in sorted(epsilon.items(), key=lambda kv: -kv[1]):
-        lines.append(f"  {hospital:<28}{value:8.3f}")
+    for hospital, value in sorted(epsilon.items(), key=lambda kv: -float("inf") if kv[1] is None else -kv[1]):
+        lines.append(f"  {hospital:<28}{'no DP':>8}" if value is None else f"  {hospital:<28}{value:8.3f}")
     return "\n".join(lines)
 
 
@@ -253,6 +258,7 @@ def _gain(gain: dict[str, float]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     cfg = simulation_config(args)
-    result = run_simulation(cfg, args.hospitals, quiet=args.json, engine=args.engine)
+    with sigterm_as_interrupt():  # `kill PID` stops the SuperLink, superexec, simulation and Ray with us
+        result = run_simulation(cfg, args.hospitals, quiet=args.json, engine=args.engine)
     print(json.dumps(result, indent=2) if args.json else results_table(result))
     return 0

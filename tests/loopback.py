@@ -1,12 +1,14 @@
-"""The in-process grid with what tests need on top: a record of every message, and a stop at a
-chosen round, as a kill would."""
+"""The in-process grid with what tests need on top: a record of every train and evaluate message, and a stop
+at a chosen round, as a kill would. The server's roll call (query messages, for hospitals' names) is answered
+by each hospital's real ClientApp even where a test replaced its train and evaluate handler, and recorded
+apart, in ``roll_calls``."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from typing import Any
 
-from flwr.app import Message
+from flwr.app import Message, MessageType
 
 from client.app import app as client_app
 from simulations.inprocess import InProcessGrid
@@ -23,10 +25,21 @@ class LoopbackGrid(InProcessGrid):
         super().__init__(run_config, hospitals, first_node_id)
         self.sent: list[Message] = []
         self.replies: list[Message] = []
+        self.roll_calls: list[Message] = []
         self.train_rounds_left: int | None = None
+        self.real_handlers = dict(self.handlers)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
+        if messages and messages[0].metadata.message_type == MessageType.QUERY:
+            self.roll_calls.extend(messages)
+            present = [m for m in messages if m.metadata.dst_node_id in self.handlers]
+            replies = []
+            for msg in present:
+                reply = self.real_handlers.get(msg.metadata.dst_node_id, self.handlers[msg.metadata.dst_node_id])(msg)
+                reply.metadata.__dict__["_src_node_id"] = msg.metadata.dst_node_id
+                replies.append(reply)
+            return replies
         if messages and messages[0].metadata.message_type == "train" and self.train_rounds_left is not None:
             if self.train_rounds_left == 0:
                 raise Interrupted

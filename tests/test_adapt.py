@@ -26,8 +26,9 @@ from shared.dicom import PreprocessConfig
 from shared.errors import UserError
 from shared.evaluation import adapt_and_predict, few_shot_tasks
 from shared.hospital import SECRET_NAME, STATE_FOLDER, load_hospital, record_id
-from shared.maml import INNER_LR_PREFIX, MetaLearner
+from shared.maml import INNER_LR_PREFIX, MetaLearner, intra_op_threads
 from shared.models import build_model
+from shared.predict import header_terms, refusal
 from shared.synthetic import write_synthetic_hospital
 from simulations.bench_adapt import meta_train, write_run_dir
 from simulations.heldout import HELDOUT_SEED_OFFSET
@@ -104,28 +105,63 @@ def read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def test_adapt_beats_scratch_on_a_hospital_that_never_took_part_in_training(
+def test_adapt_card_reports_an_honest_paired_comparison_on_a_hospital_that_never_took_part_in_training(
     adapted: tuple[Path, dict], meta_run: Path
 ) -> None:
     _, card = adapted
-    heldout = card["heldout"]
-    assert heldout["adapted"]["balanced-accuracy"]["value"] > heldout["scratch"]["balanced-accuracy"]["value"]
-    assert heldout["adapted_minus_scratch"]["balanced-accuracy"]["value"] > 0
-    for model in ("adapted", "scratch", "adapted_minus_scratch"):
-        for metric in ("accuracy", "balanced-accuracy"):
-            estimate = heldout[model][metric]
+    heldout, validation = card["heldout"], card["validation"]
+    adapted_model, scratch, difference = heldout["adapted"], heldout["scratch"], heldout["adapted_minus_scratch"]
+    # both models are measured on every test-split scan of the hospital, the same scans
+    assert heldout["scans"] == card["hospital"]["test_scans"] == sum(card["hospital"]["test_scans_by_label"].values())
+    assert set(adapted_model) == set(scratch) == set(difference) >= {"accuracy", "balanced-accuracy"}
+    for metric in adapted_model:
+        assert difference[metric]["value"] == pytest.approx(adapted_model[metric]["value"] - scratch[metric]["value"])
+        for estimate in (adapted_model[metric], scratch[metric], difference[metric]):
             assert estimate["ci95"][0] <= estimate["value"] <= estimate["ci95"][1]
+    if validation["chosen"] == heldout["scratch_candidate"]:
+        assert all(estimate["value"] == 0 for estimate in difference.values())
+
+    # the choice and the baseline are the best out-of-fold scores, ties broken by lower log-loss
+    candidates = validation["candidates"]
+
+    def score(name: str) -> tuple[float, float]:
+        return candidates[name]["balanced-accuracy"], -candidates[name]["log-loss"]
+
+    assert score(validation["chosen"]) == max(map(score, candidates))
+    assert score(heldout["scratch_candidate"]) == max(score(n) for n in candidates if n.startswith("scratch-"))
+    assert {name.split("-")[0] for name in candidates} == {"inner", "fine", "scratch"}
+    assert all(0 <= scores["balanced-accuracy"] <= 1 and scores["log-loss"] > 0 for scores in candidates.values())
+
+    # Better than guessing on this seeded run. A point estimate, not a significance claim: with 5 shots per class
+    # and a 150-step meta-model its 95% interval reaches below chance. Whether adapting beats scratch is what the
+    # card reports (adapted_minus_scratch), not something this test asserts.
+    assert adapted_model["balanced-accuracy"]["value"] > 1 / len(card["label_names"])
+
     # the card says where the model came from and how it was chosen
     assert card["source"]["sha256"] == load_meta_model(meta_run).sha256
     assert FedMetaConfig.from_flat(card["source"]["run_config"]) == META_CFG
-    assert card["shots_per_class"] == SHOTS
-    candidates = card["validation"]["candidates"]
-    assert card["validation"]["chosen"] in candidates and heldout["scratch_candidate"] in candidates
-    assert {name.split("-")[0] for name in candidates} == {"inner", "fine", "scratch"}
-    assert all(0 <= scores["balanced-accuracy"] <= 1 and scores["log-loss"] > 0 for scores in candidates.values())
+    assert card["shots_per_class"] == SHOTS and card["seed"] == 0
     # the new hospital has its own 3 labels; the meta-model is 2-way
     assert card["label_names"] == ["nodule", "normal", "ring"]
     assert card["head"].startswith("re-initialised")
+
+
+def test_adapt_with_the_same_seed_writes_the_same_card_and_weights(
+    adapted: tuple[Path, dict], meta_run: Path, new_hospital: Path, work: Path
+) -> None:
+    out, card = adapted
+    again = work / "adapted-again"
+    with intra_op_threads(1):  # and on another thread count: one cross-validation worker instead of several
+        code, stdout, stderr = run_cli(
+            "adapt", "--model", meta_run, "--hospital", new_hospital, "--shots", SHOTS, "--out", again, "--json"
+        )
+    assert code == 0, stderr
+    assert json.loads(stdout) == card
+    # the same weights and header (not the same bytes: safetensors writes its metadata in a random key order)
+    first, second = load_adapted_model(out), load_adapted_model(again)
+    assert second.header() == first.header() and second.params.keys() == first.params.keys()
+    for name, p in second.params.items():
+        torch.testing.assert_close(p, first.params[name], rtol=0, atol=0)
 
 
 def test_adapt_chooses_and_trains_without_looking_at_the_test_split(
@@ -157,7 +193,7 @@ def test_predict_gives_the_evaluation_paths_predictions_for_the_same_scans(
     code, stdout, stderr = run_cli("predict", "--model", out, new_hospital, "--csv", tmp_path / "p.csv")
     assert code == 0, stderr
     rows = read_csv(tmp_path / "p.csv")
-    assert stdout == (tmp_path / "p.csv").read_text()
+    assert stdout.strip().endswith(f"CSV in {tmp_path / 'p.csv'}") and stdout.count("\n") == 1  # the CSV: file only
     assert "skipped" in stderr and "labels.csv" in stderr  # the manifest is listed, not a crash
 
     model = load_adapted_model(out)
@@ -190,7 +226,7 @@ def test_predict_on_wild_dicoms_predicts_every_decodable_image_and_lists_the_bro
     assert code == 0
     assert "Traceback" not in stderr
     rows = read_csv(tmp_path / "p.csv")
-    assert list(rows[0]) == ["sop_instance_uid", "frame", "predicted_label", "p:benign", "p:malignant"]
+    assert list(rows[0]) == ["sop_instance_uid", "frame", "source", "predicted_label", "p:benign", "p:malignant"]
     keys = {(row["sop_instance_uid"], int(row["frame"])) for row in rows}
     assert len(keys) == len(rows)  # one row per instance and frame
 
@@ -199,10 +235,14 @@ def test_predict_on_wild_dicoms_predicts_every_decodable_image_and_lists_the_bro
         for line in stderr.splitlines()
         if line.startswith("skipped ")
     }
+    adapted = load_adapted_model(model)
     for path in sorted(ok.glob("*.dcm")):
         ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
         uid = str(ds.get("SOPInstanceUID") or "")
-        if uid:
+        terms = header_terms(path)
+        if terms and refusal(*terms, adapted):  # RT dose, segmentations, slides: not images of a patient's scan
+            assert str(path) in skipped and (uid, 0) not in keys, path.name
+        elif uid:
             frames = int(ds.get("NumberOfFrames") or 1)
             predicted = (uid, frames // 2) in keys  # the reader's default frame: the middle one
             assert predicted or "(a copy)" in skipped[str(path)], path.name
@@ -213,7 +253,7 @@ def test_predict_on_wild_dicoms_predicts_every_decodable_image_and_lists_the_bro
     assert "not a DICOM file" in skipped[str(junk / "notes.txt")]
     assert str(junk / "truncated.dcm") in skipped
     text = (tmp_path / "p.csv").read_text()
-    assert ".dcm" not in text and "dicom-wild" not in text  # no file paths
+    assert "dicom-wild" not in text and str(tmp_path) not in text  # paths relative to the folders given, no more
 
 
 def test_predict_refuses_a_model_of_another_format_version(tmp_path: Path) -> None:

@@ -1,10 +1,16 @@
 """The real deployment on loopback: ``fedmeta server`` and three ``fedmeta client`` processes, TLS and
 SuperNode authentication on, each hospital a folder of synthetic DICOM files.
 
-One scenario, run once for the module (about three minutes on two cores), then checked piece by piece:
+Every party runs the same installed fedmeta: a copy of this checkout made once for the module (so
+edits made to the checkout meanwhile change nothing). One scenario, run once for the module (about four
+minutes on two cores), then checked piece by piece:
 
-1. the server and three hospitals train 2 rounds; a hospital whose key the server never registered
-   is refused;
+1. the server starts with two hospitals; a hospital whose key the server never registered is refused;
+   a party holding ``ca.crt`` and a hospital's key tries to register a key, submit, list and stop runs on
+   the server's (hospital-facing) port, and is refused each time; the operator submits a run of a
+   modified app (its train handler would write a marker file and return a file's bytes); the third
+   hospital joins, every hospital refuses the modified run before any of its code runs, the operator
+   stops it, and the three hospitals train the real run's 2 rounds;
 2. the server is started again on the same run folder for 4 rounds: it resumes after round 2, the
    still-running hospitals rejoin, one hospital is SIGKILLed after round 3 and round 4 completes with
    the other two;
@@ -22,6 +28,7 @@ import contextlib
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import stat
@@ -38,12 +45,20 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 from safetensors.numpy import load_file
 
+from server.deploy import flwr_json
 from shared import cli
-from shared.certs import CA_CERT, SERVER_CERT, SERVER_KEY, make_certs
+from shared.certs import CA_CERT, SERVER_CERT, SERVER_KEY, make_certs, make_hospital_key
 from shared.errors import UserError
-from shared.flower_processes import free_port, wait_until_gone
+from shared.flower_processes import (
+    CONNECTION,
+    flower_env,
+    free_port,
+    toml_value,
+    wait_until_gone,
+    write_connection,
+)
 from shared.synthetic import write_synthetic_hospital
-from shared.wire import GRADIENT_KEY, METRICS_KEY, TRAIN_METRICS
+from shared.wire import GRADIENT_KEY, HOSPITAL_KEY, METRICS_KEY, NO_DP_TRAIN_METRICS
 
 PROJECT = Path(__file__).resolve().parents[1]
 MARKER = "FEDMETA_TEST_PROCESS"
@@ -59,16 +74,53 @@ RUN_CONFIG = [
     "server.fraction-evaluate=0",
     "server.capture-replies=true",
 ]
-# Above a normal round here (about 20 s with three hospitals on two cores), and what the round after the
-# kill waits for the dead hospital's reply.
-ROUND_TIMEOUT_S = 40
+# Far above a normal round here (about 20 s with three hospitals on two cores, several times that on a busy
+# machine): the round after the kill ends when Flower reports the dead hospital unavailable (two missed
+# heartbeats), not on this timeout.
+ROUND_TIMEOUT_S = 240
+TRAIN_HANDLER_RAN = "train-handler-ran"
+# Appended to client/app.py of the modified app: what a server that ships its own code would run at a site.
+MODIFIED_CLIENT_APP = """
+
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+app = ClientApp()
+
+
+@app.train()
+def leak_a_file(msg: Message, context) -> Message:
+    Path({marker!r}).write_text("ran")
+    scan = next(p for p in Path(str(context.node_config["data-path"])).rglob("*") if p.is_file())
+    return Message(RecordDict({{"leak": ConfigRecord({{"bytes": scan.read_bytes()}})}}), reply_to=msg)
+"""
+
+
+def installed_copy(dest: Path) -> Path:
+    """This checkout's files (tracked and untracked, none that git ignores) copied to ``dest``."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=PROJECT, capture_output=True
+    ).stdout.split(b"\0")
+    for name in filter(None, (entry.decode() for entry in listed)):
+        if (PROJECT / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(PROJECT / name, dest / name)
+    return dest
+
+
+def modified_copy(installed: Path, dest: Path, marker: Path) -> Path:
+    shutil.copytree(installed, dest)
+    with open(dest / "client" / "app.py", "a") as app:
+        app.write(MODIFIED_CLIENT_APP.format(marker=str(marker)))
+    return dest
 
 
 class Processes:
     """``fedmeta`` commands started by this test, their output in files, and everything started under them."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, installed: Path) -> None:
         self.folder = folder
+        self.installed = installed
         self.token = secrets.token_hex(6)
         self.started: dict[str, subprocess.Popen] = {}
 
@@ -76,7 +128,7 @@ class Processes:
         env = {**os.environ, MARKER: f"{self.token}:{label}", "PYTHONUNBUFFERED": "1"}
         with open(self.folder / f"{label}.out", "w") as out, open(self.folder / f"{label}.err", "w") as err:
             process = subprocess.Popen(
-                [sys.executable, "-m", "shared.cli", *args], stdout=out, stderr=err, cwd=PROJECT, env=env
+                [sys.executable, "-m", "shared.cli", *args], stdout=out, stderr=err, cwd=self.installed, env=env
             )
         self.started[label] = process
         return process
@@ -134,6 +186,9 @@ class Deployment:
     first_run_status: int
     seconds_to_first_round: float
     rogue_status: int
+    intruder: dict[str, dict]  # flwr command -> its JSON answer, from the hospitals' port
+    modified_run: dict  # the operator's `flwr run` of the modified app
+    modified_marker: Path
     restart_status: int
     stopped_statuses: dict[str, int]
     left_behind: list[str]
@@ -142,35 +197,79 @@ class Deployment:
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory: pytest.TempPathFactory) -> Deployment:
     tmp = tmp_path_factory.mktemp("deployment")
+    installed = installed_copy(tmp / "installed" / "fedmeta")
+    marker = tmp / TRAIN_HANDLER_RAN
+    modified = modified_copy(installed, tmp / "modified" / "fedmeta", marker)
     certs, stranger = tmp / "certs", tmp / "stranger"
-    make_certs(certs, list(HOSPITALS), [])
-    make_certs(stranger, ["rogue"], [])  # a key pair the server never sees
+    make_certs(certs, [], [])
+    for name in HOSPITALS:  # each hospital makes its own key pair and sends only NAME.key.pub
+        make_hospital_key(tmp / "keys" / name, name)
+        shutil.copy(tmp / "keys" / name / f"{name}.key.pub", certs / "hospitals")
+    make_hospital_key(stranger, "rogue")  # a key pair the server never sees
     folders = [write_synthetic_hospital(tmp / "hospitals", i, seed=0) for i in range(len(HOSPITALS))]
     (tmp / "rogue").mkdir()
     run_dir = tmp / "run"
     port = free_port()
     server = f"127.0.0.1:{port}"
-    server_args = ["server", "--out", str(run_dir), "--host", "127.0.0.1", "--port", str(port), "--certs", str(certs)]
-    processes = Processes(tmp)
+    server_args = [
+        "server", "--out", str(run_dir), "--host", "127.0.0.1", "--port", str(port),
+        "--control-port", str(free_port()), "--certs", str(certs),
+    ]  # fmt: skip
+    processes = Processes(tmp, installed)
+
+    def start_hospital(name: str, folder: Path) -> None:
+        own_policy = ["dp=false", "epsilon-budget=3"] if name == "h0" else ["dp=false"]
+        processes.start(
+            name, "client", "--hospital", str(folder), "--name", name, "--server", server,
+            "--ca", str(certs / CA_CERT), "--key", str(tmp / "keys" / name / f"{name}.key"), "--privacy", *own_policy,
+        )  # fmt: skip
+
     try:
-        # 1. three hospitals, 2 rounds; the clients start with the server and wait to be registered
+        # 1. the server and two hospitals; round 1 waits for three
         started = time.monotonic()
         processes.start(
             "server-1", *server_args, "--rounds", "2", "--run-config", *RUN_CONFIG, "server.min-train-nodes=3"
         )
-        for name, folder in zip(HOSPITALS, folders, strict=True):
-            own_privacy = ["--privacy", "target-epsilon=3.0"] if name == "h0" else []
-            processes.start(
-                name, "client", "--hospital", str(folder), "--name", name, "--server", server, "--certs", str(certs),
-                *own_privacy,
-            )  # fmt: skip
+        for name, folder in zip(HOSPITALS[:2], folders, strict=False):
+            start_hospital(name, folder)
         processes.start(
             "rogue", "client", "--hospital", str(tmp / "rogue"), "--name", "rogue", "--server", server,
-            "--ca", str(certs / CA_CERT), "--key", str(stranger / "hospitals" / "rogue.key"),
-            "--activation-timeout", "0",
+            "--ca", str(certs / CA_CERT), "--key", str(stranger / "rogue.key"), "--activation-timeout", "0",
         )  # fmt: skip
-        first_round = processes.wait_for_output("server-1", "fedmeta: round 1/2", 240)
-        first_run_status = processes.wait("server-1", 120)
+        for name in HOSPITALS[:2]:
+            processes.wait_for_output(name, f"hospital {name} connected to", 180)
+
+        # an intruder with ca.crt and h1's key, on the hospitals' port
+        intruder_home = tmp / "intruder"
+        write_connection(intruder_home, CONNECTION, server, certs / CA_CERT)
+        intruder_env = flower_env(intruder_home)
+        intruder = {
+            "supernode register": flwr_json(["supernode", "register", str(stranger / "rogue.key.pub"), CONNECTION],
+                                            intruder_env),
+            "ls": flwr_json(["ls", CONNECTION], intruder_env),
+            "run": flwr_json(["run", str(modified), CONNECTION], intruder_env),
+        }  # fmt: skip
+
+        # the operator submits the modified app; the third hospital joins; all refuse it
+        run_config = tmp / "modified-run-config.toml"
+        modified_settings = {
+            **dict(item.split("=", 1) for item in RUN_CONFIG),
+            "server.rounds": "1", "server.min-train-nodes": "3", "data.heldout-hospitals": "0",
+            "server.out-dir": str(tmp / "modified-run"),
+        }  # fmt: skip
+        run_config.write_text("".join(f'"{k}" = {toml_value(v) if k == "server.out-dir" else v}\n'
+                                      for k, v in modified_settings.items()))  # fmt: skip
+        operator_env = flower_env(run_dir / "flwr-home")
+        modified_run = flwr_json(["run", str(modified), CONNECTION, "--run-config", str(run_config)], operator_env)
+        modified_id = str(modified_run.get("run-id"))
+        intruder["stop"] = flwr_json(["stop", modified_id, CONNECTION], intruder_env)
+        start_hospital(HOSPITALS[2], folders[2])
+        for name in HOSPITALS:
+            processes.wait_for_output(name, f"refused run {modified_id}", 240)
+        flwr_json(["stop", modified_id, CONNECTION], operator_env)
+
+        first_round = processes.wait_for_output("server-1", "fedmeta: round 1/2", 300)
+        first_run_status = processes.wait("server-1", 300)
         rogue_status = processes.wait("rogue", 60)
 
         # 2. restart for 4 rounds; the hospitals still running rejoin; h2 dies after round 3
@@ -178,9 +277,9 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Deployment:
             "server-2", *server_args, "--rounds", "4", "--min-hospitals", "3", "--run-config", *RUN_CONFIG,
             "server.min-train-nodes=2", f"server.round-timeout-s={ROUND_TIMEOUT_S}",
         )  # fmt: skip
-        processes.wait_for_output("server-2", "fedmeta: round 3/4", 240)
+        processes.wait_for_output("server-2", "fedmeta: round 3/4", 300)
         processes.kill("h2")
-        restart_status = processes.wait("server-2", 2 * ROUND_TIMEOUT_S + 60)
+        restart_status = processes.wait("server-2", ROUND_TIMEOUT_S + 120)
 
         # 3. the others stop as on Ctrl-C / SIGTERM
         for name in ("h0", "h1"):
@@ -193,6 +292,9 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Deployment:
             first_run_status=first_run_status,
             seconds_to_first_round=first_round - started,
             rogue_status=rogue_status,
+            intruder=intruder,
+            modified_run=modified_run,
+            modified_marker=marker,
             restart_status=restart_status,
             stopped_statuses=stopped,
             left_behind=left_behind,
@@ -232,6 +334,28 @@ def test_a_hospital_with_an_unregistered_key_is_refused(deployment: Deployment) 
 
 @pytest.mark.slow
 @pytest.mark.deployment
+def test_only_the_operator_registers_keys_and_submits_lists_and_stops_runs(deployment: Deployment) -> None:
+    assert deployment.modified_run.get("success") is True, deployment.modified_run  # the operator, on loopback
+    assert set(deployment.intruder) == {"supernode register", "ls", "run", "stop"}
+    for command, answer in deployment.intruder.items():
+        assert answer.get("success") is False, f"`flwr {command}` on the hospitals' port: {answer}"
+    assert deployment.first_run_status == 0, "the intruder's `flwr stop` must not stop anything"
+
+
+@pytest.mark.slow
+@pytest.mark.deployment
+def test_every_hospital_refuses_a_modified_app_before_any_of_its_code_runs(deployment: Deployment) -> None:
+    run_id = deployment.modified_run["run-id"]
+    for name in HOSPITALS:
+        out = deployment.processes.output(name)
+        assert f"fedmeta client: refused run {run_id}: its app (FAB sha256" in out, out[-3000:]
+    assert not deployment.modified_marker.exists()
+    installed_apps = (deployment.processes.folder / "hospitals").rglob("client/app.py")
+    assert not [app for app in installed_apps if TRAIN_HANDLER_RAN in app.read_text()], "the modified FAB was installed"
+
+
+@pytest.mark.slow
+@pytest.mark.deployment
 def test_restarted_server_resumes_and_finishes_without_a_killed_hospital(deployment: Deployment) -> None:
     out = deployment.processes.output("server-2")
     assert deployment.restart_status == 0, out[-3000:]
@@ -255,8 +379,9 @@ def test_train_replies_hold_only_meta_parameter_gradients_and_fixed_metrics(depl
     for reply in received:
         assert reply["arrays"] == {GRADIENT_KEY: expected}
         assert set(reply["metrics"]) == {METRICS_KEY}
-        assert set(reply["metrics"][METRICS_KEY]) <= TRAIN_METRICS
-        assert reply["configs"] == {}
+        assert set(reply["metrics"][METRICS_KEY]) <= NO_DP_TRAIN_METRICS  # the hospitals' policies: dp=false
+        assert reply["configs"] == {HOSPITAL_KEY: ["name"]}  # the public name the hospital chose
+        assert reply["hospital"] in {"h0", "h1", "h2"}
 
 
 @pytest.mark.slow
@@ -293,6 +418,20 @@ def test_certs_make_a_ca_a_server_certificate_and_hospital_keys_and_never_overwr
         make_certs(tmp_path, ["d"], ["other.example.org"])
 
 
+def test_a_hospital_makes_its_own_key_pair_and_the_server_folder_holds_no_private_hospital_key(tmp_path: Path) -> None:
+    make_certs(tmp_path / "certs", [], ["fedmeta.example.org"])
+    assert not list((tmp_path / "certs" / "hospitals").iterdir())
+    private = tmp_path / "site" / "st-mary.key"
+    assert make_hospital_key(tmp_path / "site", "st-mary") == [
+        f"wrote {private} (keep it here) and {private}.pub: send only st-mary.key.pub to the server's operator"
+    ]
+    assert stat.S_IMODE(private.stat().st_mode) == 0o600
+    key = load_ssh_private_key(private.read_bytes(), password=None)
+    public = load_ssh_public_key((tmp_path / "site" / "st-mary.key.pub").read_bytes())
+    assert isinstance(key, ec.EllipticCurvePrivateKey) and public.public_numbers() == key.public_key().public_numbers()
+    assert make_hospital_key(tmp_path / "site", "st-mary")[0].startswith("kept ")
+
+
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
@@ -305,6 +444,13 @@ def test_certs_make_a_ca_a_server_certificate_and_hospital_keys_and_never_overwr
          "{tmp}/certs/hospitals/zz.key is missing"),
         (["client", "--hospital", "{tmp}", "--name", "a", "--server", "127.0.0.1:1", "--certs", "{tmp}/certs",
           "--port", "{busy}"], "local port {busy} is in use"),
+        (["client", "--hospital", "{tmp}", "--name", "a", "--server", "127.0.0.1:1", "--certs", "{tmp}/certs",
+          "--privacy", "target-epsilon=3"], "--privacy: unknown policy key 'target-epsilon'"),
+        (["client", "--hospital", "{tmp}", "--name", "a", "--server", "127.0.0.1:1", "--certs", "{tmp}/certs",
+          "--policy", "{tmp}/nowhere.toml"], "--policy {tmp}/nowhere.toml does not exist"),
+        (["certs", "--out", "{tmp}/keys", "--hospital-key", "a", "--hospitals", "b"], "--hospital-key makes only"),
+        (["server", "--certs", "{tmp}/certs", "--port", "8000", "--control-port", "8000"],
+         "--control-port 8000: pick a port other than --port"),
     ],
 )  # fmt: skip
 def test_command_errors_are_one_line_naming_the_thing_and_the_fix(

@@ -9,10 +9,21 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 
-from server.report import read_metrics, summary_table, write_model_card, write_plots, write_report
+from server.outcome import RunOutcome
+from server.report import (
+    epsilon_references,
+    few_shot_references,
+    moving_average,
+    read_metrics,
+    summary_table,
+    write_model_card,
+    write_plots,
+    write_report,
+)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-TRAINING = ["node-1234", "node-5678", "node-8812"]
+# hospitals by the public names they chose; two that chose the same name are kept apart by node
+TRAINING = ["st-olav", "h1 (node 5678)", "h1 (node 8812)"]
 HELDOUT = ["hospital-000", "hospital-001"]
 
 
@@ -26,6 +37,8 @@ def round_record(r: int) -> dict:
         "participants": len(sampled),
         "rejected": [{"hospital": "node-9999", "reason": "outer-grad 'head.weight' has non-finite values"}],
         "refused": [],
+        "trained": sorted(sampled),
+        "released": sorted([*sampled, "node-9999"]),
         "train": {"query-loss": 0.7 - 0.05 * r, "episodes": 64.0, "update-norm": 0.1},
         "hospitals": {
             h: {"balanced-accuracy": 0.5 + 0.04 * r + 0.02 * i, "queries": 120.0} for i, h in enumerate(sampled)
@@ -114,7 +127,7 @@ def test_missing_and_malformed_keys_do_not_crash(tmp_path: Path) -> None:
                 "heldout_mean": {"balanced-accuracy": "high"},
                 "epsilon_max": True,
             },
-            {"round": 4, "hospitals": {"node-1": {"balanced-accuracy": 0.6}, "node-2": "late"}},
+            {"round": 4, "hospitals": {"node-1": {"balanced-accuracy": 0.6}, "node-2": "late"}, "trained": "h0"},
         ],
     )
     table = write_report(tmp_path, {}, {})
@@ -128,7 +141,7 @@ def test_missing_and_malformed_keys_do_not_crash(tmp_path: Path) -> None:
     assert "round 4: no held-out hospitals evaluated" in table
     card = json.loads((tmp_path / "model-card.json").read_text())
     assert card["final_metrics"] == {"balanced-accuracy": 0.6}
-    assert card["privacy"]["epsilon"] == {"per_hospital": {}, "max": None, "site_level": None}
+    assert card["privacy"]["epsilon"] == {"per_hospital": {}, "without_dp": [], "max": None, "site_level": None}
 
 
 def test_run_without_metrics_still_gets_a_model_card(tmp_path: Path) -> None:
@@ -144,19 +157,33 @@ def test_model_card_has_epsilon_per_hospital_and_nothing_beyond_what_it_is_given
     data_summary = {"training-hospitals": 3, "heldout-hospitals": 2, "scans": {"train": 900, "test": 300}}
     final = {"balanced-accuracy": 0.655, "auc": 0.6}
 
+    (run_dir / "meta-model.safetensors").write_bytes(b"")
     path = write_model_card(run_dir, config, {**data_summary, "privacy_unit": unit}, final)
 
     card = json.loads((run_dir / "model-card.json").read_text())
+    one, two, three = TRAINING
     assert card == {
         "weights": ["meta-model.safetensors"],
         "rounds": 6,
         "config": config,
-        "data": data_summary,
+        "data": {
+            **data_summary,
+            "rounds_trained": 6,
+            # from the round records: rounds a hospital's gradient was used in, gradients it sent, its epsilon
+            "hospitals": {
+                two: {"rounds_trained": 6, "releases": 6, "epsilon": 10.0, "dp": None},
+                three: {"rounds_trained": 3, "releases": 3, "epsilon": 9.5, "dp": None},
+                "node-9999": {"rounds_trained": 0, "releases": 6, "epsilon": None, "dp": None},
+                one: {"rounds_trained": 6, "releases": 6, "epsilon": 9.0, "dp": None},
+            },
+            "heldout_hospitals": HELDOUT,
+        },
         "privacy": {
             "unit": unit,
             # the largest cumulative epsilon each hospital reported over the run, not only in the last round
             "epsilon": {
-                "per_hospital": {"node-1234": 9.0, "node-5678": 10.0, "node-8812": 9.5},
+                "per_hospital": {one: 9.0, two: 10.0, three: 9.5},
+                "without_dp": [],
                 "max": 10.0,
                 "site_level": 3.0,
             },
@@ -166,9 +193,13 @@ def test_model_card_has_epsilon_per_hospital_and_nothing_beyond_what_it_is_given
     markdown = path.read_text()
     assert path.name == "MODEL_CARD.md"
     for line in [
-        "| node-1234 | 9 |",
-        "| node-5678 | 10 |",
-        "| node-8812 | 9.5 |",
+        f"| {one} | 9 |",
+        f"| {two} | 10 |",
+        f"| {three} | 9.5 |",
+        f"| {one} | 6 | 6 | 9 | - |  |",
+        f"| {three} | 3 | 3 | 9.5 | - |  |",
+        "- rounds that trained the meta-model: 6",
+        "- held-out hospitals (few-shot evaluation only, never trained): hospital-000, hospital-001",
         "- max epsilon over hospitals: 10",
         unit,
         "- `meta-model.safetensors`",
@@ -203,3 +234,68 @@ def test_report_final_metrics_are_heldout_mean_of_last_round(run_dir: Path) -> N
     write_report(run_dir, {}, {})
     card = json.loads((run_dir / "model-card.json").read_text())
     assert card["final_metrics"] == round_record(5)["heldout_mean"]
+
+
+def test_a_hospital_without_dp_is_no_dp_with_infinite_epsilon_in_table_card_and_plot(tmp_path: Path) -> None:
+    # what the strategy writes: a hospital that released without DP has epsilon null and dp false
+    records = []
+    for r in (1, 2):
+        record = round_record(r)
+        record["epsilon"] = {"st-olav": 1.5 * r, "h1 (node 5678)": None}
+        record["dp"] = {"st-olav": True, "h1 (node 5678)": False}
+        record["epsilon_max"] = None
+        records.append(record)
+    write_rounds(tmp_path, records)
+    table = write_report(tmp_path, {}, {})
+    assert [row.split()[6:8] for row in round_rows(table)] == [["no", "DP"], ["no", "DP"]]
+    card = json.loads((tmp_path / "model-card.json").read_text())["privacy"]["epsilon"]
+    assert card["per_hospital"] == {"st-olav": 3.0, "h1 (node 5678)": None}
+    assert card["without_dp"] == ["h1 (node 5678)"] and card["max"] is None
+    markdown = (tmp_path / "MODEL_CARD.md").read_text().splitlines()
+    assert "| h1 (node 5678) | no DP (epsilon infinite) |" in markdown
+    assert "| h1 (node 5678) | 2 | 2 | no DP (epsilon infinite) | off |  |" in markdown
+    assert "- max epsilon over hospitals: no DP, infinite (1 of 2 hospitals without DP; 3 at the others)" in markdown
+    assert (tmp_path / "epsilon.png").read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_a_run_where_no_hospital_ran_dp_still_plots_its_no_dp_marks(tmp_path: Path) -> None:
+    write_rounds(tmp_path, [{"round": 1, "epsilon": {"node-1": None}, "dp": {"node-1": False}, "epsilon_max": None}])
+    assert [p.name for p in write_plots(tmp_path)] == ["epsilon.png"]
+
+
+def test_a_failed_run_card_says_so_with_each_hospitals_refusal_and_lists_no_weights(tmp_path: Path) -> None:
+    refusals = [
+        {"hospital": "h0", "kind": "budget", "reason": "privacy budget exhausted: epsilon spent 7.997"},
+        {"hospital": "h1", "kind": "policy", "reason": "refused by the hospital's privacy policy: dp=true"},
+    ]
+    write_rounds(tmp_path, [{"round": 1, "participants": 0, "sampled": 2, "refused": refusals, "trained": []}])
+    reason = "no hospital can train:\n  h0 refused (budget): privacy budget exhausted: epsilon spent 7.997"
+    write_report(tmp_path, {}, {}, RunOutcome("failed", reason, rounds=2, rounds_trained=0))
+    card = json.loads((tmp_path / "model-card.json").read_text())
+    assert card["outcome"] == {"state": "failed", "reason": reason} and card["weights"] == []
+    assert card["data"]["hospitals"]["h0"]["refused"] == "budget: privacy budget exhausted: epsilon spent 7.997"
+    markdown = (tmp_path / "MODEL_CARD.md").read_text().splitlines()
+    assert "**Failed**: 0 of 1 recorded rounds trained the meta-model. The run stopped:" in markdown
+    assert "  h0 refused (budget): privacy budget exhausted: epsilon spent 7.997" in markdown
+    assert "| h0 | 0 | 0 | - | - | budget: privacy budget exhausted: epsilon spent 7.997 |" in markdown
+    assert "- none: no round trained the meta-model" in markdown
+
+
+def test_plots_have_chance_scratch_and_privacy_target_reference_lines(run_dir: Path) -> None:
+    comparison = {h: {"scratch": {"balanced-accuracy": score}} for h, score in zip(HELDOUT, [0.6, 0.7])}
+    (run_dir / "heldout-comparison.json").write_text(json.dumps(comparison))
+    config = {"model.n-way": 3, "privacy.enabled": True, "privacy.target-epsilon": 8.0}
+    few_shot = few_shot_references(run_dir, config)
+    assert [(label, round(value, 4)) for label, value, _ in few_shot] == [
+        ("chance (1/3)", 0.3333),
+        ("from scratch, held-out (after the run)", 0.65),
+    ]
+    assert [value for _, value, _ in epsilon_references(config)] == [8.0]
+    assert epsilon_references({**config, "privacy.enabled": False}) == []
+    written = write_plots(run_dir, config)
+    assert [p.name for p in written] == ["few-shot.png", "train-loss.png", "epsilon.png"]
+
+
+def test_the_train_loss_moving_average_is_a_trailing_mean() -> None:
+    points = [(1, 4.0), (2, 2.0), (3, 0.0), (4, 2.0)]
+    assert moving_average(points, 3) == [(1, 4.0), (2, 3.0), (3, 2.0), (4, 4 / 3)]

@@ -6,8 +6,11 @@ import argparse
 import csv
 import json
 import os
+import secrets
+import signal
 import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path
 
@@ -15,6 +18,7 @@ import numpy as np
 import psutil
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from client.hospital import Hospital
 from shared.config import FedMetaConfig, MamlConfig
@@ -34,6 +38,11 @@ TINY = [
     "episode.eval-steps=1",
 ]
 ADAPTATIONS = ("k=0", "k=1", "k=5", "k=10", "fine-tune")
+# A seeded, non-private run small enough to repeat: every hospital every round, so Flower's random node ids
+# cannot change which hospitals a round samples.
+SEEDED = ["--hospitals", "2", "--clients-per-round", "2", "--rounds", "3", "--no-dp"]
+SEEDED_SETTINGS = ["--set", *TINY, "data.heldout-hospitals=1"]
+RUN_MARKER = "FEDMETA_TEST_RUN"  # inherited by every process a run starts, however detached
 FLOWER_PROCESSES = ("flower-superlink", "flower-superexec", "flwr-simulation", "flwr-serverapp", "raylet", "gcs_server")
 
 
@@ -61,11 +70,17 @@ def test_pyproject_run_config_defaults_are_the_typed_config_defaults() -> None:
     assert flatten(config) == FedMetaConfig().to_flat()
 
 
-def simulate_json(out: Path, *options: str) -> dict:
-    """``fedmeta simulate --json`` with 3 hospitals, 2 rounds, 2 per round, as a user runs it."""
+def simulate_command(out: Path, *options: str) -> list[str]:
+    """``fedmeta simulate --json`` with 3 hospitals, 2 rounds, 2 per round unless ``options`` say otherwise."""
     command = [sys.executable, "-m", "shared.cli", "simulate", "--hospitals", "3", "--rounds", "2"]
-    command += ["--clients-per-round", "2", "--out", str(out), "--json", *options]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=PROJECT, env=dict(os.environ))
+    return [*command, "--clients-per-round", "2", "--out", str(out), "--json", *options]
+
+
+def simulate_json(out: Path, *options: str) -> dict:
+    """``fedmeta simulate --json`` as a user runs it (see :func:`simulate_command`)."""
+    done = subprocess.run(
+        simulate_command(out, *options), capture_output=True, text=True, timeout=600, cwd=PROJECT, env=dict(os.environ)
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout)
 
@@ -202,3 +217,89 @@ def test_one_inner_loop_run_scores_every_step_count_as_separate_adaptations_woul
     assert list(incremental) == list(bench_quality.ADAPT_STEPS)
     for steps, probs in incremental.items():
         np.testing.assert_allclose(probs, adapt_and_predict(learner, params, task, train_x, test_x, steps), atol=1e-6)
+
+
+def meta_model(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "meta-model.safetensors")
+
+
+def assert_same_run_results(run: Path, reference: Path) -> None:
+    first, second = meta_model(run), meta_model(reference)
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[name], second[name]) for name in first), "meta-parameters differ"
+    assert (run / "heldout-comparison.json").read_text() == (reference / "heldout-comparison.json").read_text()
+
+
+@pytest.fixture(scope="module")
+def seeded_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted seeded run on the Flower engine, writing its own synthetic hospitals."""
+    out = tmp_path_factory.mktemp("seeded") / "run"
+    simulate_json(out, *SEEDED, "--seed", "7", *SEEDED_SETTINGS)
+    return out
+
+
+def test_two_seeded_runs_into_fresh_folders_end_with_the_same_meta_model_and_heldout_comparison(
+    seeded_run: Path, tmp_path: Path
+) -> None:
+    again = tmp_path / "run"
+    simulate_json(again, *SEEDED, "--seed", "7", *SEEDED_SETTINGS)
+    secrets_of = [sorted(p.read_bytes() for p in run.glob("federation/**/site_secret")) for run in (again, seeded_run)]
+    assert len(secrets_of[0]) == 3 and secrets_of[0] == secrets_of[1]  # 2 training and 1 held-out hospital
+    assert_same_run_results(again, seeded_run)
+
+
+def test_runs_with_different_seeds_differ(seeded_run: Path, tmp_path: Path) -> None:
+    other = tmp_path / "run"
+    simulate_json(other, *SEEDED, "--seed", "8", "--set", *TINY, "data.heldout-hospitals=0")
+    assert (other / "federation/hospital-000/labels.csv").read_bytes() != (
+        seeded_run / "federation/hospital-000/labels.csv"
+    ).read_bytes()
+    first, second = meta_model(other), meta_model(seeded_run)
+    assert any(not torch.equal(first[name], second[name]) for name in first)
+
+
+def marked_processes(token: str) -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if p.environ().get(RUN_MARKER) == token and p.status() != psutil.STATUS_ZOMBIE:
+                found.append(p)
+        except psutil.Error:
+            continue
+    return found
+
+
+def wait_for_round(run: Path, round_number: int, process: subprocess.Popen, timeout_s: float = 300.0) -> None:
+    """Until ``metrics.jsonl`` has the line of ``round_number`` (fails if the run ends or the time is up)."""
+    path, deadline = run / "metrics.jsonl", time.monotonic() + timeout_s
+    while not (path.exists() and len(path.read_text().splitlines()) >= round_number):
+        assert process.poll() is None, f"the run ended (status {process.returncode}) before round {round_number}"
+        assert time.monotonic() < deadline, f"no round {round_number} within {timeout_s:.0f}s"
+        time.sleep(0.05)
+
+
+def test_a_run_stopped_with_sigterm_after_round_2_stops_its_process_tree_and_its_rerun_ends_as_an_uninterrupted_one(
+    seeded_run: Path, tmp_path: Path
+) -> None:
+    out, token = tmp_path / "run", secrets.token_hex(8)
+    same_command = [*SEEDED, "--seed", "7", "--data", str(seeded_run / "federation"), *SEEDED_SETTINGS]
+    run = subprocess.Popen(
+        simulate_command(out, *same_command),
+        cwd=PROJECT,
+        env={**os.environ, RUN_MARKER: token},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_for_round(out, 2, run)
+        assert len(marked_processes(token)) > 3  # fedmeta, SuperLink, superexec, simulation, Ray
+        run.send_signal(signal.SIGTERM)
+        _, stderr = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    assert run.returncode == 130, stderr.decode()[-2000:]  # interrupted before the end
+    assert not marked_processes(token), "processes of the stopped run are still running"
+    simulate_json(out, *same_command)
+    assert_same_run_results(out, seeded_run)

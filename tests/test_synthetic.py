@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import shutil
+import stat
 from collections import Counter
 from pathlib import Path
 
@@ -13,7 +15,7 @@ import pytest
 
 from shared.cli import main
 from shared.dicom import PreprocessConfig
-from shared.hospital import HospitalData, load_hospital
+from shared.hospital import SECRET_NAME, STATE_FOLDER, HospitalData, load_hospital
 from shared.synthetic import LESIONS, SCANNERS, SIZE_TASK, site_profile, write_synthetic_hospital
 
 CONFIG = PreprocessConfig(image_size=28)
@@ -52,6 +54,32 @@ def test_an_existing_hospital_is_returned_as_it_is(tmp_path: Path) -> None:
     assert write_synthetic_hospital(tmp_path, 2, seed=0, n_images=50) == folder
     assert folder_digest(folder) == before
     assert [p.name for p in tmp_path.iterdir()] == [folder.name]  # nothing staged is left behind
+
+
+def test_a_synthetic_hospital_carries_an_owner_only_site_secret_derived_from_seed_and_index(tmp_path: Path) -> None:
+    def secret(folder: Path) -> Path:
+        return folder / STATE_FOLDER / SECRET_NAME
+
+    first = write_synthetic_hospital(tmp_path / "a", 1, seed=5, n_images=12)
+    again = write_synthetic_hospital(tmp_path / "b", 1, seed=5, n_images=12)
+    other_seed = write_synthetic_hospital(tmp_path / "c", 1, seed=6, n_images=12)
+    other_index = write_synthetic_hospital(tmp_path / "a", 2, seed=5, n_images=12)
+    assert stat.S_IMODE(secret(first).stat().st_mode) == 0o600
+    assert stat.S_IMODE(secret(first).parent.stat().st_mode) == 0o700
+    assert secret(first).read_bytes() == secret(again).read_bytes()
+    assert secret(first).read_bytes() not in {secret(f).read_bytes() for f in (other_seed, other_index)}
+    a, b = load_hospital(first, CONFIG), load_hospital(again, CONFIG)
+    assert a.patient_keys == b.patient_keys and np.array_equal(a.splits, b.splits)
+
+
+def test_a_real_hospital_folder_draws_a_random_site_secret_on_first_ingest(tmp_path: Path) -> None:
+    written = write_synthetic_hospital(tmp_path / "written", 0, seed=5, n_images=8)
+    copies = []
+    for name in ("site-a", "site-b"):  # the same scans at two sites that never ran fedmeta before
+        copies.append(shutil.copytree(written, tmp_path / name, ignore=shutil.ignore_patterns(STATE_FOLDER)))
+        load_hospital(copies[-1], CONFIG)
+    site_secrets = {(folder / STATE_FOLDER / SECRET_NAME).read_bytes() for folder in (written, *copies)}
+    assert len(site_secrets) == 3
 
 
 def test_every_scanner_writes_valid_dicom_that_the_reader_decodes(

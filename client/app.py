@@ -1,8 +1,8 @@
 """fedmeta's Flower ClientApp: one hospital, a train handler and an evaluate handler.
 
 Which hospital: ``data-path`` in the node config (deployment: ``fedmeta client --hospital DIR``),
-or, in simulation, hospital ``partition-id`` of the run's federation folder (synthetic
-hospitals are written there on first use).
+or, in simulation, hospital ``partition-id`` of the run's federation folder (written by the simulation
+before it starts: this app only reads hospital folders).
 
 A real hospital's privacy is its own: its policy file (node config ``policy-file``, default
 ``STATE/policy.toml``) with ``policy.KEY`` node-config overrides on top, and its ledger in its own
@@ -29,11 +29,10 @@ from client.hospital import Hospital
 from client.ledger import BudgetExhausted
 from client.policy import POLICY_FILE, PolicyRefusal, load_policy
 from shared.config import FedMetaConfig
+from shared.data.federation import federation_dir, hospital_name
+from shared.data.hospital_folder import STATE_FOLDER
 from shared.errors import UserError
-from shared.federation import federation_dir
-from shared.hospital import STATE_FOLDER
-from shared.maml import Params, pick_device
-from shared.synthetic import hospital_name, write_synthetic_hospital
+from shared.learning.maml import Params, pick_device
 from shared.wire import (
     CONFIG_KEY,
     EVALUATE_METRICS,
@@ -65,10 +64,12 @@ def open_hospital(context: Context, run_cfg: FedMetaConfig) -> Hospital | Policy
     """This node's hospital, on the settings its policy allows for ``run_cfg``, or why it refuses the run."""
     node = context.node_config
     if "data-path" not in node:
-        index = int(node["partition-id"])
-        folder = federation_dir(run_cfg) / hospital_name(index)
-        if not folder.exists() and run_cfg.data.synthetic:
-            write_synthetic_hospital(federation_dir(run_cfg), index, seed=run_cfg.seed)
+        folder = federation_dir(run_cfg) / hospital_name(int(node["partition-id"]))
+        if not folder.is_dir():
+            raise UserError(
+                f"virtual hospital {folder} does not exist: a simulation writes its hospitals before it starts "
+                "(`fedmeta simulate` does; for `flwr run`, `fedmeta demo-data --out DIR` and data.federation-dir=DIR)"
+            )
         return Hospital(folder, run_cfg, pick_device())
     folder = Path(str(node["data-path"]))
     state_dir = Path(str(node.get("state-dir") or folder / STATE_FOLDER))
@@ -133,11 +134,14 @@ def _answer(msg: Message, context: Context, work: Callable[[Hospital, Params, Me
     except UserError as err:
         log.error("hospital unavailable: %s", err)
         return _unavailable(msg, "hospital data or settings unusable")
+    except Exception:  # whatever it is, its text (paths, values) stays in the hospital's log
+        log.exception("hospital failed")
+        return _unavailable(msg, "hospital failed")
     try:
         return work(hospital, params, msg)
-    except WireError as err:  # our own reply does not fit: never send it
+    except WireError as err:  # our own reply does not fit: never send it, nor what was wrong with it
         log.error("%s", err)
-        return _unavailable(msg, str(err))
+        return _unavailable(msg, "the hospital's reply did not fit the wire contract")
     except UserError as err:
         log.error("hospital unavailable: %s", err)
         return _unavailable(msg, "hospital data or settings unusable")

@@ -23,8 +23,8 @@ from client.policy import HospitalPolicy, PolicyRefusal
 from client.privacy import finite_episodes
 from client.private_training import PrivateTraining
 from shared.config import FedMetaConfig, PrivacyConfig
-from shared.dicom import PreprocessConfig
-from shared.episodes import (
+from shared.data.hospital_folder import STATE_FOLDER, HospitalData, load_hospital, preprocess_for
+from shared.learning.episodes import (
     MAML_TASKS,
     EpisodeIndices,
     EpisodeSampler,
@@ -34,11 +34,10 @@ from shared.episodes import (
     stack_episodes,
     task_pools,
 )
-from shared.evaluation import FewShotTask, adapt_and_predict, classification_metrics, few_shot_tasks
-from shared.hospital import STATE_FOLDER, HospitalData, load_hospital
-from shared.maml import MetaLearner, OuterGrads, Params
-from shared.models import build_model
-from shared.wire import EVALUATE_METRICS
+from shared.learning.evaluation import few_shot_metrics
+from shared.learning.maml import MetaLearner, OuterGrads, Params
+from shared.learning.models import build_model
+from shared.wire import EVALUATE_METRICS, validate_metrics
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +46,6 @@ log = logging.getLogger(__name__)
 class TrainResult:
     outer_grad: Params
     metrics: dict[str, float]
-
-
-def preprocess_for(cfg: FedMetaConfig) -> PreprocessConfig:
-    return PreprocessConfig(image_size=cfg.model.image_size, channels=cfg.model.in_channels)
 
 
 def episode_groups(units: list[str], grouping_key: str, n_groups: int) -> np.ndarray:
@@ -159,7 +154,8 @@ class Hospital:
 
     def private_training(self) -> PrivateTraining:
         train = self.data.split("train")
-        return PrivateTraining(self.state_dir / LEDGER_FILE, self.cfg.privacy, len(set(self.privacy_units(train))))
+        units = len(set(self.privacy_units(train)))
+        return PrivateTraining(self.state_dir / LEDGER_FILE, self.cfg.privacy, self.policy, units)
 
     def open_ledger(self) -> PrivacyLedger:
         return self.private_training().open_ledger()
@@ -213,7 +209,8 @@ class Hospital:
                 groups_by_key[grouping_key] = episode_groups(units, grouping_key, privacy.episode_groups)
             return self._group_outer_grads(meta_params, train.labels, images, groups_by_key[grouping_key], rng)
 
-        outcome = PrivateTraining(self.state_dir / LEDGER_FILE, privacy, len(set(units))).run(meta_params, steps, step)
+        private = PrivateTraining(self.state_dir / LEDGER_FILE, privacy, self.policy, len(set(units)))
+        outcome = private.run(meta_params, steps, step)
         if isinstance(outcome, BudgetExhausted):
             return outcome
         metrics = {
@@ -249,29 +246,10 @@ class Hospital:
             return OuterGrads(zeros, torch.zeros(0, device=self.device))
         return self.learner.per_episode_outer_grads(meta_params, stack_episodes(images, episodes))
 
-    def few_shot_tasks(self, seed: int = 0) -> list[FewShotTask]:
-        """The evaluation tasks: K labelled train scans per class, the test split as queries."""
-        episode = self.cfg.episode
-        return few_shot_tasks(
-            self.data.split("train").labels,
-            self.data.split("test").labels,
-            self.cfg.model.n_way,
-            episode.k_shot,
-            episode.eval_episodes,
-            seed,
-        )
-
     def evaluate(self, meta_params: Params, steps: int | None = None, seed: int = 0) -> dict[str, float]:
         """Few-shot metrics on the hospital's test split (aggregates only, no counts)."""
-        steps = self.cfg.episode.eval_steps if steps is None else steps
         meta_params = {n: p.to(self.device) for n, p in meta_params.items()}
-        _, train_images = self._pool("train")
-        _, test_images = self._pool("test")
-        probs, truth = [], []
-        for task in self.few_shot_tasks(seed):
-            probs.append(adapt_and_predict(self.learner, meta_params, task, train_images, test_images, steps))
-            truth.append(task.query_y)
-        metrics = classification_metrics(np.concatenate(truth), np.concatenate(probs))
+        metrics = few_shot_metrics(self.learner, meta_params, self.data, self.cfg, steps, seed)
         return {k: v for k, v in metrics.items() if k in EVALUATE_METRICS}
 
     def answer_evaluation(self, meta_params: Params) -> dict[str, float] | PolicyRefusal:
@@ -291,7 +269,8 @@ class Hospital:
                 if ledger.check(calibration.accountant_noise_multiplier, self.cfg.privacy.sample_rate) is not None:
                     return PolicyRefusal("this hospital's privacy budget is spent: it answers no more evaluations")
             metrics = self.evaluate(meta_params)
-            ledger.record_evaluation()
+            validate_metrics(metrics, EVALUATE_METRICS, "evaluation reply", required=EVALUATE_METRICS)
+            ledger.record_evaluation()  # counted only when an answer goes out
             return metrics
 
 

@@ -1,8 +1,9 @@
 """The hospital's durable privacy ledger.
 
 One JSON file on the hospital's disk (mode 0600, in an owner-only folder) holds the accountant's history of
-(noise multiplier, sample rate, steps), the budget, the delta and the noise pinned when the ledger was
-created (so later config changes cannot quietly reset them), the secret key that assigns records to
+(noise multiplier, sample rate, steps), the delta and the noise pinned when the ledger was created (so later
+config changes cannot quietly reset them), the budget last checked against (the policy's, which the hospital
+alone may change), the secret key that assigns records to
 episode groups and the evaluation answers given. Every release is written here, atomically and with its
 folder fsynced, *before* the gradient leaves the process; a restarted client continues from the file.
 Readers and writers of one ledger hold an exclusive file lock (:meth:`PrivacyLedger.locked`), so two
@@ -14,6 +15,7 @@ from __future__ import annotations
 import fcntl
 import json
 import math
+import os
 import re
 import secrets
 from collections.abc import Iterator
@@ -23,7 +25,7 @@ from pathlib import Path
 from typing import Any, get_args
 
 from client.privacy import spent_epsilon
-from shared.atomic import atomic_write_json, private_dir
+from shared.atomic import PRIVATE_FILE, atomic_write_json, private_dir
 from shared.config import Accountant
 from shared.errors import UserError
 
@@ -75,7 +77,8 @@ class PrivacyLedger:
     def locked(cls, path: Path) -> Iterator[None]:
         """Hold the ledger's exclusive lock (across processes and threads) for a read-check-record sequence."""
         private_dir(path.parent)
-        with open(path.with_name(path.name + ".lock"), "a") as lock:
+        lock_path = path.with_name(path.name + ".lock")
+        with os.fdopen(os.open(lock_path, os.O_RDWR | os.O_CREAT, PRIVATE_FILE), "r+") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 yield
@@ -156,12 +159,11 @@ class PrivacyLedger:
         return None
 
     def record(self, noise_multiplier: float, sample_rate: float) -> None:
-        """Add one step and write the ledger durably; call before the gradient is released. The first step
-        pins its noise multiplier as the ledger's."""
+        """Add one step and write the ledger durably; call before the gradient is released."""
         if not (noise_multiplier > 0 and 0 < sample_rate <= 1):
             raise LedgerError(f"refusing to record noise {noise_multiplier}, sample rate {sample_rate}")
         if self.noise_multiplier is None:
-            self.noise_multiplier = noise_multiplier
+            raise LedgerError("a ledger's noise multiplier is pinned before its first step")
         if self.history and self.history[-1][:2] == (noise_multiplier, sample_rate):
             z, q, n = self.history[-1]
             self.history[-1] = (z, q, n + 1)

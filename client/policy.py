@@ -15,6 +15,7 @@ or for more work than its limits, is refused.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -46,7 +47,7 @@ class HospitalPolicy:
     # -- the guarantee
     dp: bool = True
     epsilon_budget: float = 8.0  # lifetime, over every run this hospital takes part in
-    delta: float = 1e-5  # lowered to 1 / (10 x privacy units) when the hospital is smaller, at the first release
+    delta: float = 1e-5  # lowered to a power of 10 below 1 / (10 x privacy units) for a larger hospital
     planned_releases: int = 100  # the noise spends the budget in this many releases (several runs)
     noise_multiplier: float = 0.0  # a fixed noise multiplier instead (std / sensitivity); 0: calibrate
     max_grad_norm: float = 1.0
@@ -63,9 +64,17 @@ class HospitalPolicy:
     max_eval_episodes: int = 50
     max_eval_steps: int = 100
     max_image_size: int = 128
+    max_k_shot: int = 50
+    max_q_query: int = 100
+    max_n_way: int = 10
+    max_width: int = 128
+    max_episode_groups: int = 1024
 
     def __post_init__(self) -> None:
         problems = []
+        reals = (self.epsilon_budget, self.delta, self.noise_multiplier, self.max_grad_norm)
+        if not all(math.isfinite(value) for value in reals):
+            problems.append("epsilon-budget, delta, noise-multiplier and max-grad-norm must be finite numbers")
         if self.epsilon_budget <= 0:
             problems.append("epsilon-budget must be > 0")
         if not 0 < self.delta < 1:
@@ -76,7 +85,17 @@ class HospitalPolicy:
             problems.append("noise-multiplier must be >= 0 and max-grad-norm > 0")
         if not 1 <= self.groups_per_step <= self.episode_groups:
             problems.append("groups-per-step must be between 1 and episode-groups")
-        limits = (self.max_inner_steps, self.max_local_steps, self.max_meta_batch, self.max_eval_episodes)
+        limits = (
+            self.max_inner_steps,
+            self.max_local_steps,
+            self.max_meta_batch,
+            self.max_eval_episodes,
+            self.max_k_shot,
+            self.max_q_query,
+            self.max_n_way,
+            self.max_width,
+            self.max_episode_groups,
+        )
         if self.evaluation_requests < 0 or min(limits) < 1 or self.max_eval_steps < 0 or self.max_image_size < 28:
             problems.append("evaluation-requests must be >= 0 and every max-* limit >= 1 (max-image-size >= 28)")
         if problems:
@@ -108,6 +127,11 @@ class HospitalPolicy:
             max_eval_episodes=max(cls.max_eval_episodes, episode.eval_episodes),
             max_eval_steps=max(cls.max_eval_steps, episode.eval_steps),
             max_image_size=max(cls.max_image_size, cfg.model.image_size),
+            max_k_shot=max(cls.max_k_shot, episode.k_shot),
+            max_q_query=max(cls.max_q_query, episode.q_query),
+            max_n_way=max(cls.max_n_way, cfg.model.n_way),
+            max_width=max(cls.max_width, cfg.model.width),
+            max_episode_groups=max(cls.max_episode_groups, privacy.episode_groups),
         )
 
     def govern(self, cfg: FedMetaConfig) -> FedMetaConfig | PolicyRefusal:
@@ -122,6 +146,11 @@ class HospitalPolicy:
             ("episode.eval-episodes", episode.eval_episodes, "max-eval-episodes", self.max_eval_episodes),
             ("episode.eval-steps", episode.eval_steps, "max-eval-steps", self.max_eval_steps),
             ("model.image-size", cfg.model.image_size, "max-image-size", self.max_image_size),
+            ("episode.k-shot", episode.k_shot, "max-k-shot", self.max_k_shot),
+            ("episode.q-query", episode.q_query, "max-q-query", self.max_q_query),
+            ("model.n-way", cfg.model.n_way, "max-n-way", self.max_n_way),
+            ("model.width", cfg.model.width, "max-width", self.max_width),
+            ("privacy.episode-groups", asked.episode_groups, "max-episode-groups", self.max_episode_groups),
         )
         for key, value, limit_key, limit in limits:
             if value > limit:
@@ -136,7 +165,9 @@ class HospitalPolicy:
         return cfg.replace(
             privacy=PrivacyConfig(
                 enabled=True,
-                max_grad_norm=min(self.max_grad_norm, asked.max_grad_norm),
+                # privacy does not depend on C (the noise scales with it); a C far below the policy's would push
+                # the noise towards float32's smallest numbers, so the run may lower it 1,000x at most
+                max_grad_norm=max(min(self.max_grad_norm, asked.max_grad_norm), self.max_grad_norm / 1000),
                 noise_multiplier=max(self.noise_multiplier, asked.noise_multiplier),
                 target_epsilon=min(self.epsilon_budget, asked.target_epsilon),
                 delta=min(self.delta, asked.delta),

@@ -26,7 +26,7 @@ from opacus.optimizers import DPOptimizer
 
 from shared.accounting import check_history
 from shared.config import Accountant
-from shared.maml import OuterGrads, Params
+from shared.learning.maml import OuterGrads, Params
 
 SENSITIVITY_IN_CLIP_NORMS = 2.0
 

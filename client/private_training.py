@@ -8,6 +8,7 @@ outside this object sees a gradient that the ledger does not already hold.
 
 from __future__ import annotations
 
+import math
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,9 +17,10 @@ from pathlib import Path
 import torch
 
 from client.ledger import BudgetExhausted, LedgerTerms, PrivacyLedger
+from client.policy import HospitalPolicy
 from client.privacy import NoiseCalibration, PrivateRelease, calibrate_accountant_noise
 from shared.config import PrivacyConfig
-from shared.maml import OuterGrads, Params
+from shared.learning.maml import OuterGrads, Params
 
 
 @dataclass(frozen=True)
@@ -29,32 +31,42 @@ class PrivateSteps:
     delta: float
 
 
-def new_ledger_delta(privacy: PrivacyConfig, units: int) -> float:
-    """A new ledger's delta: the policy's, or 1 / (10 x privacy units) when the hospital is smaller."""
-    return min(privacy.delta, 1.0 / (10 * max(units, 1)))
+def new_ledger_delta(delta: float, units: int) -> float:
+    """A new ledger's delta: the policy's, or for a hospital of more than 1 / (10 delta) privacy units the power of
+    10 at or below 1 / (10 x units) (a power of 10, so the delta a reply carries tells the size to a factor of 10
+    at most)."""
+    bound = 1.0 / (10 * max(units, 1))
+    return delta if delta <= bound else min(delta, 10.0 ** math.floor(math.log10(bound)))
 
 
 class PrivateTraining:
-    def __init__(self, ledger_path: Path, privacy: PrivacyConfig, units: int) -> None:
+    """``privacy`` is what this run trains with (the policy governed it); ``policy`` alone calibrates the noise a
+    new ledger pins, so no run can set a hospital's noise for later runs."""
+
+    def __init__(self, ledger_path: Path, privacy: PrivacyConfig, policy: HospitalPolicy, units: int) -> None:
         self.ledger_path = ledger_path
         self.privacy = privacy
+        self.policy = policy
         self.units = units
 
     def open_ledger(self) -> PrivacyLedger:
-        terms = LedgerTerms(self.privacy.accountant, new_ledger_delta(self.privacy, self.units))
+        terms = LedgerTerms(self.policy.accountant, new_ledger_delta(self.policy.delta, self.units))
         return PrivacyLedger.open(self.ledger_path, terms, self.privacy.target_epsilon)
 
+    def pinned_noise(self, ledger: PrivacyLedger) -> float:
+        """The ledger's noise multiplier, or for a new ledger the policy's: fixed, or calibrated to spend the
+        policy's budget in its planned releases at its sample rate."""
+        if ledger.noise_multiplier is not None:
+            return ledger.noise_multiplier
+        policy = self.policy
+        return policy.noise_multiplier or calibrate_accountant_noise(
+            policy.epsilon_budget, ledger.delta, policy.sample_rate, policy.planned_releases
+        )
+
     def calibration(self, ledger: PrivacyLedger) -> NoiseCalibration:
-        """The ledger's pinned noise, calibrated at the first step from the budget and the planned releases;
-        a run may ask for more noise (stricter), never less."""
-        privacy = self.privacy
-        pinned = ledger.noise_multiplier
-        if pinned is None:
-            budget, releases = ledger.epsilon_budget, privacy.planned_releases
-            pinned = privacy.noise_multiplier or calibrate_accountant_noise(
-                budget, ledger.delta, privacy.sample_rate, releases
-            )
-        return NoiseCalibration(max(pinned, privacy.noise_multiplier), privacy.max_grad_norm)
+        """The pinned noise, or more when the run asks for more (for its own releases; nothing of it is pinned)."""
+        noise = max(self.pinned_noise(ledger), self.privacy.noise_multiplier)
+        return NoiseCalibration(noise, self.privacy.max_grad_norm)
 
     def run(
         self, meta_params: Params, steps: int, outer_grads: Callable[[str], OuterGrads]
@@ -66,6 +78,7 @@ class PrivateTraining:
         with PrivacyLedger.locked(self.ledger_path):
             ledger = self.open_ledger()
             calibration = self.calibration(ledger)
+            ledger.noise_multiplier = self.pinned_noise(ledger)  # written with the first step
             delta = min(ledger.delta, privacy.delta)
             device = next(iter(meta_params.values())).device
             noise = torch.Generator(device=device).manual_seed(secrets.randbits(63))

@@ -26,8 +26,8 @@ from server.strategy import MetaGradientStrategy, NoHospitalCanTrain
 from shared.atomic import atomic_write, atomic_write_json
 from shared.config import FedMetaConfig
 from shared.errors import UserError
-from shared.maml import MetaLearner
-from shared.models import build_model
+from shared.learning.maml import MetaLearner
+from shared.learning.models import build_model
 
 log = logging.getLogger(__name__)
 app = ServerApp()
@@ -89,7 +89,7 @@ def run_federation(grid: Grid, cfg: FedMetaConfig) -> Path:
     drop_rounds_after(run_dir, state.round)
     heldout = None
     if cfg.data.heldout_hospitals > 0:
-        from simulations.heldout import HeldoutHospitals
+        from server.heldout import HeldoutHospitals
 
         heldout = HeldoutHospitals(cfg)
     strategy_class = ReplyCapture if cfg.server.capture_replies else MetaGradientStrategy

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from shared.atomic import TEMP_PREFIX, atomic_write
 from shared.errors import UserError
-from shared.maml import Params
+from shared.learning.maml import Params
 
 KEEP_ROUNDS = 2
 

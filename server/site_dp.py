@@ -42,7 +42,7 @@ from opacus.accountants import RDPAccountant
 from server.strategy import Accepted, MetaGradientStrategy
 from shared.accounting import check_history
 from shared.config import ConfigError
-from shared.maml import Params
+from shared.learning.maml import Params
 
 log = logging.getLogger(__name__)
 

@@ -40,7 +40,7 @@ from flwr.serverapp.strategy import FedAvg
 from server.checkpoint import ServerState, save
 from server.outcome import RunFailed
 from shared.config import FedMetaConfig
-from shared.maml import Params
+from shared.learning.maml import Params
 from shared.wire import (
     CONFIG_KEY,
     EVALUATE_METRICS,

@@ -18,8 +18,9 @@ PRIVATE_DIR = 0o700
 
 
 def private_dir(path: Path) -> Path:
-    """``path`` (and missing parents) as a folder only its owner can enter."""
+    """``path`` (and missing parents) as a folder only its owner can enter (an existing one is tightened)."""
     path.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
+    path.chmod(PRIVATE_DIR)
     return path
 
 

@@ -17,12 +17,12 @@ from shared.errors import UserError
 # subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "simulate": ("simulations.simulate", "a federated run with many virtual hospitals on this machine"),
-    "bench": ("simulations.bench", "benchmarks that print JSON (maml, ingest, ...)"),
-    "ingest": ("shared.ingest_cli", "read a hospital folder of DICOM files into the cache and report what was skipped"),
-    "demo-data": ("shared.synthetic", "write synthetic hospital folders of DICOM files"),
-    "import-medmnist": ("shared.medmnist", "turn MedMNIST .npz files into hospital folders of DICOM files"),
-    "adapt": ("shared.adapt", "adapt the meta-model to a new hospital from K labelled scans per class"),
-    "predict": ("shared.predict", "predict labels for DICOM files with an adapted model"),
+    "bench": ("simulations.bench.cli", "benchmarks that print JSON (maml, ingest, ...)"),
+    "ingest": ("client.ingest", "read a hospital folder of DICOM files into the cache and report what was skipped"),
+    "demo-data": ("simulations.data.synthetic", "write synthetic hospital folders of DICOM files"),
+    "import-medmnist": ("simulations.data.medmnist", "turn MedMNIST .npz files into hospital folders of DICOM files"),
+    "adapt": ("client.adapt", "adapt the meta-model to a new hospital from K labelled scans per class"),
+    "predict": ("client.predict", "predict labels for DICOM files with an adapted model"),
     "certs": ("shared.certs", "make the CA, the server certificate and one key pair per hospital (offline)"),
     "server": ("server.deploy", "run the fedmeta server: a TLS SuperLink, hospital keys registered, the run streamed"),
     "client": ("client.deploy", "join a hospital to a fedmeta server: a SuperNode on the hospital's folder"),

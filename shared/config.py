@@ -70,7 +70,7 @@ class EpisodeConfig:
     meta_batch: int = 16
     eval_episodes: int = 20
     eval_steps: int = 10
-    # How training tasks are made from a hospital's labels (each a switch; see shared.episodes):
+    # How training tasks are made from a hospital's labels (each a switch; see shared.learning.episodes):
     # N-way class subsets or one class against the rest, ...
     tasks: TaskKind = "class-subsets"
     # ... episode labels in random order (the head cannot memorise classes) or in class order ...
@@ -170,14 +170,14 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    # Folder holding hospital-000, hospital-001, ...; empty means the synthetic federation under
-    # .fedmeta/federations/synthetic-seed<seed>, written lazily, one hospital on first use.
+    # Folder holding hospital-000, hospital-001, ... and heldout/hospital-NNN; empty means
+    # ~/.cache/fedmeta/federations/synthetic-seed<seed>. The apps only read it: a simulation writes it first.
     federation_dir: str = ""
     synthetic: bool = True
     # Hospitals after the training ones, never sampled for training: few-shot evaluation only.
     heldout_hospitals: int = 2
-    # Where each hospital keeps its privacy ledger (STATE_DIR/<hospital folder name>); empty means
-    # HOSPITAL/.fedmeta. Simulations keep it in the run folder so each run has its own budgets.
+    # Where a simulation's virtual hospitals keep their privacy ledgers (STATE_DIR/<hospital folder name>);
+    # empty means HOSPITAL/.fedmeta. A real hospital's ledger is where the hospital says, never here.
     state_dir: str = ""
 
 

@@ -28,9 +28,10 @@ WIRE_DTYPE = np.dtype("float32")
 TRAIN_METRICS = frozenset({"episodes", "epsilon", "delta", "dp"})
 # Only a reply without DP may add the mean training query loss (un-noised, so never under DP).
 NO_DP_TRAIN_METRICS = TRAIN_METRICS | {"query-loss"}
-# Few-shot metrics a hospital's evaluation reply carries, when its privacy policy lets it answer at all.
-# No counts (of scans, queries or tasks) cross.
-EVALUATE_METRICS = frozenset({"accuracy", "balanced-accuracy", "auc", "sensitivity", "specificity"})
+# Few-shot metrics a hospital's evaluation reply carries, when its privacy policy lets it answer at all: the
+# same two keys always (AUC, sensitivity and specificity exist only when the queries hold both classes, so
+# their presence would say something about the test split). No counts (of scans, queries or tasks) cross.
+EVALUATE_METRICS = frozenset({"accuracy", "balanced-accuracy"})
 
 
 class WireError(UserError):

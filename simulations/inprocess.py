@@ -1,7 +1,8 @@
 """An in-process Flower Grid: the real ServerApp strategy and the real ClientApp, minus the network.
 
 Each virtual hospital runs ``client.app.app`` with a simulation-style node config
-(``partition-id``), one message at a time, in this process. No SuperLink, no Ray: the engine for
+(``partition-id``), one message at a time, in this process; a synthetic federation is written when the
+grid is made, before anything runs. No SuperLink, no Ray: the engine for
 benchmarks that train many federations on a small machine, and for unit tests. The network path
 (``fedmeta simulate``, ``flwr run .``, deployment) runs exactly the same app code.
 """
@@ -19,6 +20,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import app as client_app
 from shared.config import FedMetaConfig
+from simulations.data.synthetic import write_synthetic_federation
 
 Handler = Callable[[Message], Message | None]
 
@@ -28,6 +30,9 @@ TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1  # Mes
 class InProcessGrid(Grid):
     def __init__(self, run_config: dict[str, Any], hospitals: int, first_node_id: int = 2**63 + 5) -> None:
         self.run_config = run_config
+        cfg = FedMetaConfig.from_flat(run_config)
+        if cfg.data.synthetic:
+            write_synthetic_federation(cfg, hospitals)
         self.handlers: dict[int, Handler] = {}
         for partition in range(hospitals):
             node_id = first_node_id + 7919 * partition  # above 2**63, like Flower's random ids

@@ -1,9 +1,9 @@
 """``fedmeta simulate``: many virtual hospitals on Flower's simulation engine, on this machine.
 
 The run goes through ``flwr run`` against a simulation SuperLink this command starts and stops,
-so it exercises exactly the app a real federation runs. Hospitals are written lazily, on first
-use, from their index (synthetic by default, or taken from ``--data``); each run keeps its
-hospitals' privacy ledgers in its own folder.
+so it exercises exactly the app a real federation runs. Synthetic hospitals are written into the run
+folder before it starts, from the seed and their index (or taken from ``--data``); the apps only read
+them. Each run keeps its virtual hospitals' privacy ledgers in its own folder.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import sys
 import threading
 import time
 from pathlib import Path
@@ -24,6 +25,7 @@ from server.report import read_metrics
 from shared.config import FedMetaConfig, parse_assignments
 from shared.errors import UserError
 from shared.flower_processes import sigterm_as_interrupt, stop_process_tree
+from simulations.data.synthetic import write_synthetic_federation
 from simulations.launcher import flwr_run, simulation_superlink
 
 HELDOUT_METHODS = ("meta", "meta+fine-tune", "scratch")
@@ -47,12 +49,16 @@ ENGINES = ("flower", "in-process")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("simulate", help="a federated run with many virtual hospitals on this machine")
+    parser = subparsers.add_parser(
+        "simulate",
+        help="a federated run with many virtual hospitals on this machine",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--hospitals", type=int, default=10, help="virtual training hospitals")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=5, help="federated rounds")
     parser.add_argument("--clients-per-round", type=int, default=0, help="hospitals sampled per round (0: all)")
-    parser.add_argument("--data", type=Path, help="federation folder of hospital-NNN folders (default: synthetic)")
-    parser.add_argument("--method", choices=sorted(METHODS), default="fedmeta")
+    parser.add_argument("--data", type=Path, help="federation folder of hospital-NNN folders (None: synthetic)")
+    parser.add_argument("--method", choices=sorted(METHODS), default="fedmeta", help="training method")
     parser.add_argument("--no-dp", action="store_true", help="non-private baseline: no clipping, no noise")
     parser.add_argument(
         "--engine",
@@ -61,7 +67,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="flower: SuperLink + Ray, as a real federation; in-process: the same apps in this process, no network",
     )
     parser.add_argument("--out", type=Path, default=Path("runs/simulation"), help="run folder (reused: resume)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data, sampling and model")
     parser.add_argument(
         "--set", nargs="*", default=[], metavar="KEY=VALUE", help="any run setting, e.g. maml.inner-lr=0.05"
     )
@@ -127,10 +133,29 @@ class PeakMemory(threading.Thread):
             self.stop.wait(self.interval_s)
 
 
+def write_hospitals(cfg: FedMetaConfig, hospitals: int, quiet: bool) -> None:
+    """The run's synthetic hospitals, before it starts: a bar on a terminal, a line per tenth in a log file."""
+    if quiet:
+        write_synthetic_federation(cfg, hospitals)
+        return
+    if sys.stderr.isatty():
+        with tqdm(total=hospitals + cfg.data.heldout_hospitals, desc="writing hospitals", unit="hospital") as bar:
+            write_synthetic_federation(cfg, hospitals, lambda done, _: bar.update(done - bar.n))
+        return
+
+    def line(done: int, total: int) -> None:
+        if done == total or done % max(1, total // 10) == 0:
+            print(f"fedmeta simulate: wrote {done}/{total} synthetic hospitals", file=sys.stderr, flush=True)
+
+    write_synthetic_federation(cfg, hospitals, line)
+
+
 def run_simulation(cfg: FedMetaConfig, hospitals: int, quiet: bool = False, engine: str = "flower") -> dict[str, Any]:
     run_dir = Path(cfg.server.out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     log_path = run_dir / "flower.log"
+    if cfg.data.synthetic:
+        write_hospitals(cfg, hospitals, quiet)
     memory = PeakMemory()
     memory.start()
     progress = tqdm(

@@ -17,21 +17,19 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save
 
-from client.hospital import preprocess_for
-from shared.adapt import Candidate, adapt_hospital, fit, load_meta_model, meta_init_for
-from shared.adapted_model import CARD_FILE, WEIGHTS_FILE, AdaptedModel, load_adapted_model, save_adapted_model
+from client.adapt import Candidate, adapt_hospital, class_metrics_note, fit, load_meta_model, meta_init_for, summary
+from client.adapted_model import CARD_FILE, WEIGHTS_FILE, AdaptedModel, load_adapted_model, save_adapted_model
+from client.predict import header_terms, refusal
 from shared.cli import main
 from shared.config import FedMetaConfig, ModelConfig
-from shared.dicom import PreprocessConfig
+from shared.data.dicom import PreprocessConfig
+from shared.data.hospital_folder import SECRET_NAME, STATE_FOLDER, load_hospital, preprocess_for, record_id
 from shared.errors import UserError
-from shared.evaluation import adapt_and_predict, few_shot_tasks
-from shared.hospital import SECRET_NAME, STATE_FOLDER, load_hospital, record_id
-from shared.maml import INNER_LR_PREFIX, MetaLearner, intra_op_threads
-from shared.models import build_model
-from shared.predict import header_terms, refusal
-from shared.synthetic import write_synthetic_hospital
-from simulations.bench_adapt import meta_train, write_run_dir
-from simulations.heldout import HELDOUT_SEED_OFFSET
+from shared.learning.evaluation import adapt_and_predict, few_shot_tasks
+from shared.learning.maml import INNER_LR_PREFIX, MetaLearner, intra_op_threads
+from shared.learning.models import build_model
+from simulations.bench.adapt import meta_train, write_run_dir
+from simulations.data.synthetic import HELDOUT_SEED_OFFSET, write_synthetic_hospital
 from tests.shared_data import shared_data
 
 # Small and honest: MAML's query loss stays flat for about the first 100 steps at this size, so 150 steps
@@ -113,7 +111,11 @@ def test_adapt_card_reports_an_honest_paired_comparison_on_a_hospital_that_never
     adapted_model, scratch, difference = heldout["adapted"], heldout["scratch"], heldout["adapted_minus_scratch"]
     # both models are measured on every test-split scan of the hospital, the same scans
     assert heldout["scans"] == card["hospital"]["test_scans"] == sum(card["hospital"]["test_scans_by_label"].values())
-    assert set(adapted_model) == set(scratch) == set(difference) >= {"accuracy", "balanced-accuracy"}
+    # three classes: the one-vs-rest macro forms of AUC, sensitivity and specificity, and no positive class
+    reported = {"accuracy", "balanced-accuracy", "auc", "macro-sensitivity", "macro-specificity"}
+    assert set(adapted_model) == set(scratch) == set(difference) == reported
+    assert "positive_class" not in heldout and "one-vs-rest" in heldout["macro_metrics"]
+    assert heldout["macro_metrics"] in summary(card) and "macro-specificity" in summary(card)
     for metric in adapted_model:
         assert difference[metric]["value"] == pytest.approx(adapted_model[metric]["value"] - scratch[metric]["value"])
         for estimate in (adapted_model[metric], scratch[metric], difference[metric]):
@@ -273,7 +275,7 @@ def test_predict_refuses_a_model_whose_preprocessing_the_reader_no_longer_gives(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     model = tiny_model(tmp_path)
-    monkeypatch.setattr("shared.dicom.READER_VERSION", 2)  # the DICOM reader changed since the model was made
+    monkeypatch.setattr("shared.data.dicom.READER_VERSION", 2)  # the DICOM reader changed since the model was made
     with pytest.raises(UserError, match=r"preprocessed with fingerprint .*re-run fedmeta adapt"):
         load_adapted_model(model)
     code, _, stderr = run_cli("predict", "--model", model, shared_data("dicom-wild", "ok"))
@@ -283,6 +285,11 @@ def test_predict_refuses_a_model_whose_preprocessing_the_reader_no_longer_gives(
 def test_predict_refuses_a_file_that_is_not_an_adapted_model(meta_run: Path) -> None:
     with pytest.raises(UserError, match="is not a fedmeta adapted model"):
         load_adapted_model(meta_run / "meta-model.safetensors")
+
+
+def test_a_two_class_card_names_the_positive_class_its_sensitivity_and_specificity_are_about() -> None:
+    # classification_metrics' sensitivity is the recall of episode label 1, the hospital's second label name
+    assert class_metrics_note(("benign", "malignant")) == {"positive_class": "malignant"}
 
 
 def test_inner_loop_candidate_is_the_meta_training_inner_loop() -> None:

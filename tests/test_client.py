@@ -19,11 +19,11 @@ from client.hospital import Hospital, episode_groups, sampled_group_episodes
 from client.ledger import LEDGER_FILE, BudgetExhausted, LedgerError, LedgerTerms, PrivacyLedger
 from client.policy import POLICY_FILE, HospitalPolicy, PolicyError, load_policy
 from client.privacy import NoiseCalibration, PrivateRelease, calibrate_accountant_noise, spent_epsilon
+from client.private_training import new_ledger_delta
 from shared.config import FedMetaConfig
-from shared.episodes import MAML_TASKS, TaskDesign, stack_episodes
-from shared.maml import MetaLearner, OuterGrads
-from shared.models import build_model
-from shared.synthetic import write_synthetic_hospital
+from shared.learning.episodes import MAML_TASKS, TaskDesign, stack_episodes
+from shared.learning.maml import MetaLearner, OuterGrads
+from shared.learning.models import build_model
 from shared.wire import (
     CONFIG_KEY,
     EVALUATE_METRICS,
@@ -35,6 +35,7 @@ from shared.wire import (
     WireSchema,
     validate_metrics,
 )
+from simulations.data.synthetic import write_synthetic_hospital
 from tests.loopback import client_app  # also sets Flower's task identity for Message()
 
 
@@ -427,9 +428,37 @@ def test_a_ledger_with_an_impossible_history_is_refused(tmp_path: Path, entry: l
     path = tmp_path / LEDGER_FILE
     terms = LedgerTerms("rdp", 1e-5)
     ledger = PrivacyLedger.open(path, terms, 8.0)
+    ledger.noise_multiplier = 1.0  # pinned before the first step, as PrivateTraining does
     ledger.record(1.0, 0.25)
     state = json.loads(path.read_text())
     state["history"].append(entry)
     path.write_text(json.dumps(state))
     with pytest.raises(LedgerError, match=field):
         PrivacyLedger.open(path, terms, 8.0)
+
+
+def test_a_run_cannot_set_the_noise_a_hospitals_ledger_keeps(hospital_dir: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(privacy={"noise_multiplier": 5.0, "episode_groups": 64, "groups_per_step": 4})
+    node = {"policy.max-episode-groups": 64}
+    reply = client_app(server_message(init_params(cfg)), client_context(hospital_dir, cfg, tmp_path, **node))
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    ledger = json.loads((tmp_path / LEDGER_FILE).read_text())
+    policy = HospitalPolicy(episode_groups=8, groups_per_step=4)  # what client_context's policy says
+    pinned = calibrate_accountant_noise(policy.epsilon_budget, ledger["delta"], policy.sample_rate, 100)
+    assert ledger["noise_multiplier"] == pytest.approx(pinned)  # the policy's calibration, not the run's 5.0
+    assert ledger["history"] == [[5.0, 4 / 64, 1]]  # the run's larger noise counted for its own release only
+
+
+def test_policy_numbers_must_be_finite(tmp_path: Path) -> None:
+    path = tmp_path / POLICY_FILE
+    for line in ("epsilon-budget = nan", "max-grad-norm = inf", "delta = nan"):
+        path.write_text(line + "\n")
+        with pytest.raises(PolicyError, match="must be finite"):
+            load_policy(path)
+
+
+def test_a_large_hospitals_delta_tells_its_size_to_a_power_of_ten_at_most() -> None:
+    assert new_ledger_delta(1e-5, 200) == 1e-5
+    assert new_ledger_delta(1e-5, 50_000) == pytest.approx(1e-6)
+    assert new_ledger_delta(1e-5, 99_999) == pytest.approx(1e-6)
+    assert new_ledger_delta(1e-5, 123_456) == pytest.approx(1e-7)

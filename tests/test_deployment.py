@@ -57,8 +57,8 @@ from shared.flower_processes import (
     wait_until_gone,
     write_connection,
 )
-from shared.synthetic import write_synthetic_hospital
 from shared.wire import GRADIENT_KEY, HOSPITAL_KEY, METRICS_KEY, NO_DP_TRAIN_METRICS
+from simulations.data.synthetic import write_synthetic_hospital
 
 PROJECT = Path(__file__).resolve().parents[1]
 MARKER = "FEDMETA_TEST_PROCESS"

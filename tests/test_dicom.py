@@ -23,8 +23,8 @@ from pydicom.uid import (
     SecondaryCaptureImageStorage,
 )
 
-from shared.dicom import DicomReadError, PreprocessConfig, read_dicom
-from shared.dicom_write import ANONYMOUS, write_image
+from shared.data.dicom import DicomReadError, PreprocessConfig, read_dicom
+from simulations.data.dicom_write import ANONYMOUS, write_image
 from tests.shared_data import shared_data
 
 SMALL = PreprocessConfig(image_size=16)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from shared.config import ConfigError, FedMetaConfig
-from shared.episodes import (
+from shared.learning.episodes import (
     EpisodeError,
     EpisodeSampler,
     TaskDesign,

@@ -17,17 +17,18 @@ import pydicom
 import pydicom.data
 import pytest
 
-import shared.hospital
-import shared.scan_cache
+import shared.data.hospital_folder
+import shared.data.scan_cache
 from shared.cli import main
-from shared.dicom import PreprocessConfig, read_dicom
+from shared.data.dicom import PreprocessConfig, read_dicom
+from shared.data.hospital_folder import HospitalData, NoUsableImagesError, load_hospital, record_id
 from shared.errors import UserError
-from shared.hospital import HospitalData, NoUsableImagesError, load_hospital, record_id
-from shared.synthetic import write_synthetic_hospital
-from simulations import bench_ingest
+from simulations.bench import ingest as bench_ingest
+from simulations.data.synthetic import write_synthetic_hospital
 
 CONFIG = PreprocessConfig(image_size=16)
 N_IMAGES = 30
+BROKEN = Path("/work/shared/data/dicom-wild/broken/pylibjpeg-data__JPEG-lossy.dcm")  # corrupt JPEG pixel data
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,7 @@ def decodes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
         calls.append(1)
         return read_dicom(source, config)
 
-    monkeypatch.setattr(shared.hospital, "read_dicom", counting)
+    monkeypatch.setattr(shared.data.hospital_folder, "read_dicom", counting)
     return calls
 
 
@@ -155,10 +156,50 @@ def test_first_level_folders_label_files_without_a_manifest(hospital: Path) -> N
         (hospital / row["label"]).mkdir(exist_ok=True)
         (hospital / row["file"]).rename(hospital / row["label"] / Path(row["file"]).name)
     (hospital / "loose.dcm").write_bytes((hospital / rows[0]["label"] / Path(rows[0]["file"]).name).read_bytes())
+    shutil.copy(BROKEN, hospital / "broken.dcm")
+    (hospital / "notes.txt").write_text("not DICOM\n")
     data = load_hospital(hospital, CONFIG)
     assert data.label_names == tuple(sorted({row["label"] for row in rows}))
     assert sorted(data.label_names[i] for i in data.labels) == sorted(row["label"] for row in rows)
-    assert skipped(data) == {"loose.dcm": "not in a label folder"}
+    assert skipped(data) == {  # the real reason for a loose file that is not a readable image
+        "loose.dcm": "not in a label folder",
+        "broken.dcm": "compressed pixel data could not be decoded (corrupt or truncated)",
+        "notes.txt": "not a DICOM file",
+    }
+
+
+def test_a_path_column_is_read_as_the_file_column(hospital: Path) -> None:
+    rows = manifest_rows(hospital)
+    write_manifest(hospital, [{"path": row.pop("file"), **row} for row in rows])
+    data = load_hospital(hospital, CONFIG)
+    assert len(data) == N_IMAGES and not data.report.skipped
+    write_manifest(hospital, [{"file": row["path"], **row} for row in manifest_rows(hospital)])
+    with pytest.raises(UserError, match=r"labels\.csv has both a 'file' and a 'path' column"):
+        load_hospital(hospital, CONFIG)
+
+
+def test_a_label_with_one_train_image_is_warned_about_in_the_report_log_and_ingest_table(
+    hospital: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rows = manifest_rows(hospital)
+    rows[0]["label"], rows[0]["split"] = "rare", "train"
+    write_manifest(hospital, rows)
+    with caplog.at_level(logging.WARNING, logger="shared.data.hospital_folder"):
+        data = load_hospital(hospital, CONFIG)
+    warning = "label 'rare' has 1 usable image(s) in the train split, fewer than 2: label more scans of it"
+    assert data.report.warnings == [warning] and data.report.to_dict()["warnings"] == [warning]
+    assert warning in caplog.text
+    assert main(["ingest", str(hospital), "--image-size", "16"]) == 0
+    assert f"warnings\n  {warning}" in capsys.readouterr().out
+
+
+def test_a_hospital_with_a_single_label_is_warned_about(hospital: Path) -> None:
+    write_manifest(hospital, [{**row, "label": "normal"} for row in manifest_rows(hospital)])
+    data = load_hospital(hospital, CONFIG)
+    assert data.label_names == ("normal",)
+    assert data.report.warnings == [
+        "only one label is usable ('normal'); an episode needs 2 or more classes: label scans of another class"
+    ]
 
 
 def test_a_manifest_can_name_files_by_sop_instance_uid(hospital: Path) -> None:
@@ -190,7 +231,7 @@ def test_no_usable_image_is_one_clear_user_error(tmp_path: Path) -> None:
 
 def test_an_unusable_manifest_is_one_clear_user_error(hospital: Path) -> None:
     (hospital / "labels.csv").write_text("path,diagnosis\na.dcm,x\n")
-    with pytest.raises(UserError, match="needs a 'label' column and a 'file' or 'sop_instance_uid' column"):
+    with pytest.raises(UserError, match=r"needs a 'label' column and a 'file' \(or 'path'\) or 'sop_instance_uid'"):
         load_hospital(hospital, CONFIG)
 
 
@@ -288,18 +329,18 @@ def test_leftovers_of_a_killed_write_are_ignored(hospital: Path, decodes: list[i
 def test_an_interrupted_first_load_resumes_from_its_journal(
     hospital: Path, decodes: list[int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(shared.scan_cache, "JOURNAL_FLUSH_SECONDS", 0.0)
-    counting: Callable[..., object] = shared.hospital.read_dicom
+    monkeypatch.setattr(shared.data.scan_cache, "JOURNAL_FLUSH_SECONDS", 0.0)
+    counting: Callable[..., object] = shared.data.hospital_folder.read_dicom
 
     def killed_after_ten(source: bytes, config: PreprocessConfig):  # type: ignore[no-untyped-def]
         if len(decodes) == 10:
             raise KeyboardInterrupt
         return counting(source, config)
 
-    monkeypatch.setattr(shared.hospital, "read_dicom", killed_after_ten)
+    monkeypatch.setattr(shared.data.hospital_folder, "read_dicom", killed_after_ten)
     with pytest.raises(KeyboardInterrupt):
         load_hospital(hospital, CONFIG)
-    monkeypatch.setattr(shared.hospital, "read_dicom", counting)
+    monkeypatch.setattr(shared.data.hospital_folder, "read_dicom", counting)
     resumed = load_hospital(hospital, CONFIG)
     assert len(decodes) == N_IMAGES and resumed.report.from_cache == 10
     np.testing.assert_array_equal(resumed.images, load_hospital(pristine_copy(hospital), CONFIG).images)
@@ -333,6 +374,13 @@ def test_ingest_command_fails_in_one_line_without_a_traceback(
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith("fedmeta ingest: the hospital folder has no usable images") and "Traceback" not in error
     assert str(tmp_path) not in error
+
+
+def test_simulate_help_shows_the_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["simulate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 10)" in text and "(default: fedmeta)" in text and "(default: runs/simulation)" in text
 
 
 def test_ingest_benchmark_reports_both_passes_and_the_cached_pass_reads_every_file_from_the_cache() -> None:

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from shared.config import MamlConfig, ModelConfig
-from shared.maml import INNER_LR_PREFIX, EpisodeBatch, MetaLearner, Params
-from shared.models import build_model
+from shared.learning.maml import INNER_LR_PREFIX, EpisodeBatch, MetaLearner, Params
+from shared.learning.models import build_model
 
 N_WAY, K_SHOT, Q_QUERY, EPISODES = 2, 2, 3, 3
 
@@ -147,7 +147,7 @@ def test_loop_and_batched_paths_agree_in_float32_to_1e_4_of_the_gradient_norm() 
 
 
 def test_auto_path_picks_the_loop_on_cpu() -> None:
-    from shared.maml import resolve_path
+    from shared.learning.maml import resolve_path
 
     assert resolve_path("auto", torch.device("cpu")) == "loop"
     assert resolve_path("auto", torch.device("cuda")) == "batched"

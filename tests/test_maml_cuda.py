@@ -9,9 +9,9 @@ import torch
 
 from client.hospital import Hospital
 from shared.config import FedMetaConfig, MamlConfig, ModelConfig
-from shared.maml import EpisodeBatch, MetaLearner, pick_device
-from shared.models import build_model
-from shared.synthetic import write_synthetic_hospital
+from shared.learning.maml import EpisodeBatch, MetaLearner, pick_device
+from shared.learning.models import build_model
+from simulations.data.synthetic import write_synthetic_hospital
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

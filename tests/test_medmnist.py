@@ -10,10 +10,10 @@ import pydicom
 import pytest
 
 from shared.cli import main
-from shared.dicom import PreprocessConfig, read_dicom
+from shared.data.dicom import PreprocessConfig, read_dicom
+from shared.data.hospital_folder import load_hospital
 from shared.errors import UserError
-from shared.hospital import load_hospital
-from shared.medmnist import import_medmnist, load_task, partition_indices
+from simulations.data.medmnist import import_medmnist, load_task, partition_indices
 from tests.shared_data import shared_data
 
 
@@ -125,9 +125,9 @@ def test_episodes_from_an_imported_federation_meta_train_to_better_than_chance(t
     import torch
 
     from shared.config import MamlConfig, ModelConfig
-    from shared.episodes import EpisodeSampler
-    from shared.maml import MetaLearner
-    from shared.models import build_model
+    from shared.learning.episodes import EpisodeSampler
+    from shared.learning.maml import MetaLearner
+    from shared.learning.models import build_model
 
     folders = import_medmnist([npz("pneumonia")], tmp_path, hospitals=2, partition="site-shift", max_per_hospital=300)
     pools = []

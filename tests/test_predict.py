@@ -16,14 +16,14 @@ from pydicom.data import get_testdata_file
 from safetensors import safe_open
 from safetensors.torch import save
 
-from shared.adapted_model import WEIGHTS_FILE, AdaptedModel, load_adapted_model, save_adapted_model
+from client.adapted_model import WEIGHTS_FILE, AdaptedModel, load_adapted_model, save_adapted_model
 from shared.cli import main
 from shared.config import FedMetaConfig, ModelConfig
-from shared.dicom import PreprocessConfig
-from shared.maml import MetaLearner
-from shared.models import build_model
-from shared.synthetic import site_profile, write_synthetic_hospital
-from simulations.bench_adapt import write_run_dir
+from shared.data.dicom import PreprocessConfig
+from shared.learning.maml import MetaLearner
+from shared.learning.models import build_model
+from simulations.bench.adapt import write_run_dir
+from simulations.data.synthetic import site_profile, write_synthetic_hospital
 from tests.shared_data import shared_data
 
 RT_DOSE = Path(get_testdata_file("rtdose.dcm"))

@@ -19,9 +19,8 @@ from server.checkpoint import load_latest
 from server.outcome import STATUS_FILE, RunFailed, read_outcome
 from shared.accounting import AccountingError, check_history
 from shared.config import FedMetaConfig
-from shared.federation import federation_dir
-from shared.maml import Params
-from shared.synthetic import write_synthetic_hospital
+from shared.data.federation import federation_dir
+from shared.learning.maml import Params
 from shared.wire import (
     GRADIENT_KEY,
     HOSPITAL_KEY,
@@ -31,6 +30,7 @@ from shared.wire import (
     REFUSED_POLICY,
     named_reason,
 )
+from simulations.data.synthetic import write_synthetic_hospital
 from tests.loopback import Interrupted, LoopbackGrid
 
 Handler = Callable[[Message], Message | None]

@@ -22,10 +22,11 @@ from safetensors.torch import load_file
 
 from client.hospital import Hospital
 from shared.config import FedMetaConfig, MamlConfig
-from shared.evaluation import adapt_and_predict, few_shot_tasks
-from shared.maml import MetaLearner
-from shared.models import build_model
-from simulations import bench_quality, bench_scale
+from shared.learning.evaluation import adapt_and_predict, few_shot_tasks
+from shared.learning.maml import MetaLearner
+from shared.learning.models import build_model
+from simulations.bench import quality as bench_quality
+from simulations.bench import scale as bench_scale
 from simulations.simulate import simulation_config
 from tests.shared_data import shared_data
 

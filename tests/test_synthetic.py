@@ -14,9 +14,9 @@ import pydicom
 import pytest
 
 from shared.cli import main
-from shared.dicom import PreprocessConfig
-from shared.hospital import SECRET_NAME, STATE_FOLDER, HospitalData, load_hospital
-from shared.synthetic import LESIONS, SCANNERS, SIZE_TASK, site_profile, write_synthetic_hospital
+from shared.data.dicom import PreprocessConfig
+from shared.data.hospital_folder import SECRET_NAME, STATE_FOLDER, HospitalData, load_hospital
+from simulations.data.synthetic import LESIONS, SCANNERS, SIZE_TASK, site_profile, write_synthetic_hospital
 
 CONFIG = PreprocessConfig(image_size=28)
 N_IMAGES = 24

@@ -32,8 +32,7 @@ import numpy as np
 import torch
 from safetensors.torch import load
 
-from client.hospital import preprocess_for
-from shared.adapted_model import (
+from client.adapted_model import (
     CARD_FILE,
     FORMAT,
     FORMAT_VERSION,
@@ -42,12 +41,18 @@ from shared.adapted_model import (
     save_adapted_model,
 )
 from shared.config import ConfigError, FedMetaConfig
-from shared.dicom import PreprocessConfig
+from shared.data.dicom import PreprocessConfig
+from shared.data.hospital_folder import HospitalData, load_hospital, preprocess_for
 from shared.errors import UserError
-from shared.evaluation import BOOTSTRAP_RESAMPLES, classification_metrics, few_shot_tasks, fine_tune, paired_bootstrap
-from shared.hospital import HospitalData, load_hospital
-from shared.maml import INNER_LR_PREFIX, MetaLearner, Params, intra_op_threads
-from shared.models import HEAD_PREFIX, build_model
+from shared.learning.evaluation import (
+    BOOTSTRAP_RESAMPLES,
+    classification_metrics,
+    few_shot_tasks,
+    fine_tune,
+    paired_bootstrap,
+)
+from shared.learning.maml import INNER_LR_PREFIX, MetaLearner, Params, intra_op_threads
+from shared.learning.models import HEAD_PREFIX, build_model
 
 RUN_WEIGHTS = "meta-model.safetensors"
 RUN_CARD = "model-card.json"
@@ -256,6 +261,7 @@ def adapt_hospital(
         },
         "heldout": {
             "scans": len(task.query),
+            **class_metrics_note(data.label_names),
             "adapted": adapted_metrics,
             "scratch": scratch_metrics,
             "scratch_candidate": baseline.name,
@@ -266,6 +272,17 @@ def adapt_hospital(
         **model.header(),
     }
     return AdaptResult(model, card)
+
+
+def class_metrics_note(label_names: tuple[str, ...]) -> dict[str, str]:
+    """What the card's class metrics are about: for two classes the positive class (the second label),
+    for more the one-vs-rest macro averages of :func:`classification_metrics`."""
+    if len(label_names) == 2:
+        return {"positive_class": label_names[1]}
+    return {
+        "macro_metrics": "auc, macro-sensitivity (= balanced accuracy), macro-specificity: one-vs-rest per class, "
+        "averaged over the classes with equal weight"
+    }
 
 
 def summary(card: dict[str, Any]) -> str:
@@ -288,6 +305,9 @@ def summary(card: dict[str, Any]) -> str:
     lines += [
         "",
         f"held-out test split: {heldout['scans']} scans (95% bootstrap intervals)",
+        f"  sensitivity and specificity of '{heldout['positive_class']}' (the positive class)"
+        if "positive_class" in heldout
+        else f"  {heldout['macro_metrics']}",
         f"  {'metric':<18} {'adapted':>22} {heldout['scratch_candidate']:>22} {'adapted - scratch':>22}",
     ]
     for metric in heldout["adapted"]:

@@ -10,9 +10,9 @@ from typing import Any
 
 import numpy as np
 
-from shared.dicom import PreprocessConfig
-from shared.hospital import HospitalData, load_hospital
-from shared.synthetic import site_profile, write_synthetic_hospital
+from shared.data.dicom import PreprocessConfig
+from shared.data.hospital_folder import HospitalData, load_hospital
+from simulations.data.synthetic import site_profile, write_synthetic_hospital
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

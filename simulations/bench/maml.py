@@ -20,8 +20,8 @@ from torch.func import functional_call
 
 from client.privacy import NoiseCalibration, PrivateRelease
 from shared.config import MamlConfig, ModelConfig
-from shared.maml import EpisodeBatch, MetaLearner, Params, pick_device, resolve_path
-from shared.models import build_model
+from shared.learning.maml import EpisodeBatch, MetaLearner, Params, pick_device, resolve_path
+from shared.learning.models import build_model
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -31,16 +31,23 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from server.heldout import HeldoutHospitals
 from shared.atomic import atomic_write_json
 from shared.config import FedMetaConfig, parse_assignments
-from shared.episodes import EpisodeError
+from shared.data.federation import hospital_name
 from shared.errors import UserError
-from shared.evaluation import FewShotTask, adapt_and_predict, classification_metrics, few_shot_tasks, train_from_scratch
-from shared.maml import MetaLearner, Params
-from shared.medmnist import import_medmnist
-from shared.models import build_model
-from shared.synthetic import hospital_name
-from simulations.heldout import HeldoutHospitals
+from shared.learning.episodes import EpisodeError
+from shared.learning.evaluation import (
+    FewShotTask,
+    adapt_and_predict,
+    classification_metrics,
+    few_shot_tasks,
+    train_from_scratch,
+)
+from shared.learning.maml import MetaLearner, Params
+from shared.learning.models import build_model
+from simulations.data.medmnist import import_medmnist
+from simulations.data.synthetic import write_synthetic_federation
 from simulations.simulate import METHODS, run_simulation, simulation_config
 
 SETTINGS = ("synthetic", "pneumonia", "retina", "breast-new-task")
@@ -178,7 +185,10 @@ def heldout_hospitals(args: argparse.Namespace, work_dir: Path, federation: Path
         "data.heldout-hospitals": args.heldout,
         **parse_assignments(args.set, "--set"),
     }
-    return HeldoutHospitals(FedMetaConfig.from_flat(flat))
+    cfg = FedMetaConfig.from_flat(flat)
+    if federation is None:  # the synthetic held-out hospitals, from their own seed stream
+        write_synthetic_federation(cfg, args.hospitals)
+    return HeldoutHospitals(cfg)
 
 
 def task_scores(task: FewShotTask, probs: np.ndarray) -> dict[str, float]:
@@ -198,8 +208,8 @@ def evaluate(
     learners = {m.name: MetaLearner(build_model(m.cfg.model), m.cfg.maml) for m in models}
     for folder in heldout.folders:
         try:
-            hospital = heldout.hospital(folder)
-            train, test = hospital.data.split("train"), hospital.data.split("test")
+            data = heldout.data(folder)
+            train, test = data.split("train"), data.split("test")
         except UserError as err:
             print(f"held-out {folder.name} skipped: {err}", flush=True)
             continue

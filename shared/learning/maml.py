@@ -10,8 +10,9 @@ inner loop:
 * ``loop``: one episode at a time with reverse-mode autograd, spread over a small thread pool
   with one intra-op thread each (measured on 2 CPU cores: 1.15x over one episode at a time on
   two intra-op threads, and torch.func.grad per episode is 25% slower than autograd here);
-* ``batched``: ``torch.func.vmap(torch.func.grad(...))`` over episodes, which turns the
-  convolutions into large batched kernels: 4.5-18x the loop on a GPU, slower on a CPU.
+* ``batched``: the forward pass ``torch.func.vmap``-ed over per-episode leaf copies of the
+  meta-parameters and differentiated with autograd (replayed as a CUDA graph on a GPU), which turns
+  the convolutions into large batched kernels: 4.5-18x the loop on a GPU, slower on a CPU.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from torch import Tensor
 from torch.func import functional_call, vmap
 
 from shared.config import ExecutionPath, MamlConfig
-from shared.models import BACKBONE_PREFIX, HEAD_PREFIX, MetaClassifier
+from shared.learning.models import BACKBONE_PREFIX, HEAD_PREFIX, MetaClassifier
 
 Params = dict[str, Tensor]
 InnerGrads = Callable[[Callable[[Params], Tensor], Params], Params]

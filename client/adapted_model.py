@@ -29,10 +29,10 @@ from safetensors.torch import save
 
 from shared.atomic import atomic_write, atomic_write_json
 from shared.config import MamlConfig, ModelConfig
-from shared.dicom import PreprocessConfig
+from shared.data.dicom import PreprocessConfig
 from shared.errors import UserError
-from shared.maml import MetaLearner, Params
-from shared.models import build_model
+from shared.learning.maml import MetaLearner, Params
+from shared.learning.models import build_model
 
 FORMAT = "fedmeta-adapted-model"
 FORMAT_VERSION = 1

@@ -41,11 +41,11 @@ from pydicom.uid import (
     VLWholeSlideMicroscopyImageStorage,
 )
 
-from shared.adapted_model import MODALITY_TERM, PREDICT_BATCH, AdaptedModel, load_adapted_model
+from client.adapted_model import MODALITY_TERM, PREDICT_BATCH, AdaptedModel, load_adapted_model
 from shared.atomic import atomic_write
-from shared.dicom import DicomReadError, read_dicom
+from shared.data.dicom import DicomReadError, read_dicom
+from shared.data.hospital_folder import SkippedFile
 from shared.errors import UserError
-from shared.hospital import SkippedFile
 
 # Label Map Segmentation Storage (PS3.4 B.5): newer than the UID table of pydicom 3.0, which has no name for it.
 LabelMapSegmentationStorage = UID("1.2.840.10008.5.1.4.1.1.66.7")

@@ -15,8 +15,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from shared.episodes import EpisodeError
-from shared.maml import MetaLearner, Params
+from shared.config import FedMetaConfig
+from shared.data.hospital_folder import HospitalData
+from shared.learning.episodes import EpisodeError
+from shared.learning.maml import MetaLearner, Params
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,41 @@ def few_shot_tasks(
     return out
 
 
+def hospital_tasks(data: HospitalData, cfg: FedMetaConfig, seed: int) -> list[FewShotTask]:
+    """A hospital's evaluation tasks under a run's settings: episode.eval-episodes tasks of model.n-way classes,
+    episode.k-shot labelled train scans per class, the test split as queries."""
+    episode = cfg.episode
+    return few_shot_tasks(
+        data.split("train").labels,
+        data.split("test").labels,
+        cfg.model.n_way,
+        episode.k_shot,
+        episode.eval_episodes,
+        seed,
+    )
+
+
+def few_shot_metrics(
+    learner: MetaLearner,
+    meta_params: Params,
+    data: HospitalData,
+    cfg: FedMetaConfig,
+    steps: int | None = None,
+    seed: int = 0,
+) -> dict[str, float]:
+    """The meta-model's few-shot metrics at a hospital: the inner loop (episode.eval-steps unless ``steps``) on each
+    of its tasks' shots, predictions on the test split, metrics over all tasks' queries together."""
+    steps = cfg.episode.eval_steps if steps is None else steps
+    device = next(iter(meta_params.values())).device
+    train_images = torch.from_numpy(data.split("train").images).to(device)
+    test_images = torch.from_numpy(data.split("test").images).to(device)
+    probs, truth = [], []
+    for task in hospital_tasks(data, cfg, seed):
+        probs.append(adapt_and_predict(learner, meta_params, task, train_images, test_images, steps))
+        truth.append(task.query_y)
+    return classification_metrics(np.concatenate(truth), np.concatenate(probs))
+
+
 def adapt_and_predict(
     learner: MetaLearner,
     params: Params,
@@ -95,7 +132,17 @@ def fine_tune(learner: MetaLearner, init: Params, sx: torch.Tensor, sy: torch.Te
 
 
 def classification_metrics(y_true: np.ndarray, probs: np.ndarray) -> dict[str, float]:
-    """Accuracy, balanced accuracy and, for two classes, AUC, sensitivity and specificity."""
+    """Accuracy and balanced accuracy (mean recall over the classes in ``y_true``), and, when at least two
+    classes are present:
+
+    * two classes: ``auc`` (ROC of the class-1 probability), ``sensitivity`` (recall of class 1, the positive
+      class) and ``specificity`` (recall of class 0);
+    * more than two classes, each class in turn against all the others (one-vs-rest), averaged with equal
+      weight over the classes present (absent classes are left out): ``auc`` (of the class's probability;
+      for two classes this is the binary AUC), ``macro-sensitivity`` (mean of recall of c; equal to balanced
+      accuracy, named so the card reads as a clinician expects) and ``macro-specificity`` (mean over c of the
+      fraction of scans not of class c that are not predicted c).
+    """
     y_true = np.asarray(y_true)
     predicted = probs.argmax(-1)
     classes = np.unique(y_true)
@@ -105,10 +152,16 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray) -> dict[str, f
         "balanced-accuracy": float(np.mean(recalls)),
         "queries": float(len(y_true)),
     }
-    if probs.shape[-1] == 2 and len(classes) == 2:
+    if len(classes) < 2:
+        return metrics
+    if probs.shape[-1] == 2:
         metrics["auc"] = auc(y_true, probs[:, 1])
         metrics["sensitivity"] = float((predicted[y_true == 1] == 1).mean())
         metrics["specificity"] = float((predicted[y_true == 0] == 0).mean())
+    else:
+        metrics["auc"] = float(np.mean([auc((y_true == c).astype(int), probs[:, c]) for c in classes]))
+        metrics["macro-sensitivity"] = metrics["balanced-accuracy"]
+        metrics["macro-specificity"] = float(np.mean([(predicted[y_true != c] != c).mean() for c in classes]))
     return metrics
 
 

@@ -1,13 +1,13 @@
 """A hospital's folder of DICOM files -> :class:`HospitalData`, the labelled pool episodes are drawn from.
 
-The folder format is described in ``docs/hospital-folder.md``. Bad input never stops a hospital: every
+The folder format is described in README.md ("The folder format"). Bad input never stops a hospital: every
 file that cannot be used, and every ``labels.csv`` row that matches no file, is skipped and listed in the
 :class:`IngestReport` with a reason and a fix; only a folder with no usable image at all is an error.
 
 What leaves this module is PHI-free by construction: images, label names, record ids (sha256 of SOP
 Instance UID and frame), patient keys (HMAC-SHA256 with the site secret), splits, and a report whose
-only strings are relative file paths (the report stays on site) and fixed reason texts. Logs carry
-counts only. The site secret is created once, at ``HOSPITAL/.fedmeta/site_secret`` (mode 0600) or,
+only strings are relative file paths (the report stays on site), label names and fixed reason texts. Logs
+carry counts and label names only. The site secret is created once, at ``HOSPITAL/.fedmeta/site_secret`` (mode 0600) or,
 when the hospital folder is read-only, in the cache folder.
 """
 
@@ -34,9 +34,10 @@ import numpy as np
 from tqdm import tqdm
 
 from shared.atomic import PRIVATE_DIR
-from shared.dicom import DicomReadError, PreprocessConfig, decoder_versions, read_dicom
+from shared.config import FedMetaConfig
+from shared.data.dicom import DicomReadError, PreprocessConfig, decoder_versions, read_dicom
+from shared.data.scan_cache import FileState, ScanCache, ScanEntry, atomic_write
 from shared.errors import UserError
-from shared.scan_cache import FileState, ScanCache, ScanEntry, atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ class IngestReport:
     skipped: list[SkippedFile] = field(default_factory=list)
     images_by_modality: dict[str, int] = field(default_factory=dict)
     images_by_label: dict[str, int] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # label counts too small to train on, with what to do
 
     @property
     def skipped_by_reason(self) -> dict[str, int]:
@@ -80,6 +82,7 @@ class IngestReport:
             "images_by_modality": self.images_by_modality,
             "images_by_label": self.images_by_label,
             "skipped_by_reason": self.skipped_by_reason,
+            "warnings": self.warnings,
             "skipped": [dataclasses.asdict(skip) for skip in self.skipped],
         }
 
@@ -93,6 +96,11 @@ class NoUsableImagesError(UserError):
     def __init__(self, message: str, report: IngestReport) -> None:
         super().__init__(message)
         self.report = report
+
+
+def preprocess_for(cfg: FedMetaConfig) -> PreprocessConfig:
+    """How a run's model reads a hospital's scans: its image size and channels."""
+    return PreprocessConfig(image_size=cfg.model.image_size, channels=cfg.model.in_channels)
 
 
 @dataclass(frozen=True, eq=False)
@@ -151,9 +159,6 @@ def load_hospital(
     for found in tqdm(files, desc="ingest", unit="file", file=sys.stderr, disable=not progress, leave=False):
         folder_label = found.relpath.split("/", 1)[0] if "/" in found.relpath else ""
         row = manifest.by_file.pop(found.relpath, None) if manifest else None
-        if manifest is None and not folder_label:
-            report.skipped.append(SkippedFile(found.relpath, "not in a label folder", _NO_LABEL_FIX))
-            continue
         if manifest is not None and row is None and not manifest.by_instance:
             report.skipped.append(SkippedFile(found.relpath, f"not listed in {MANIFEST_NAME}", _UNLISTED_FIX))
             continue
@@ -165,11 +170,15 @@ def load_hospital(
             scanned.append(entry)
         if entry.problem:
             report.skipped.append(SkippedFile(found.relpath, *entry.problem))
+        elif manifest is None and not folder_label:  # a readable image directly in the hospital folder
+            report.skipped.append(SkippedFile(found.relpath, "not in a label folder", _NO_LABEL_FIX))
         else:
             labelled.append((found.relpath, entry, row, folder_label))
     cache.commit(states, scanned)
 
     data = _assemble(labelled, manifest, keys, report)
+    if data is not None:
+        report.warnings = label_warnings(data)
     report.seconds = time.perf_counter() - started
     report.skipped.sort(key=lambda skip: skip.file)
     _write_report(cache_dir, report)
@@ -177,6 +186,8 @@ def load_hospital(
         "ingest: %d files, %d images, %d skipped, %d from cache, %.2f s",
         report.files, report.images, len(report.skipped), report.from_cache, report.seconds,
     )  # fmt: skip
+    for warning in report.warnings:
+        logger.warning("ingest: %s", warning)
     if data is None:
         why = ", ".join(f"{count} {reason}" for reason, count in list(report.skipped_by_reason.items())[:2])
         raise NoUsableImagesError(
@@ -185,6 +196,25 @@ def load_hospital(
             report,
         )
     return data
+
+
+MIN_TRAIN_IMAGES = 2  # per label: one to adapt on and one to be asked about
+
+
+def label_warnings(data: HospitalData) -> list[str]:
+    """What makes the hospital's labels too thin to train on, and what to do; counts and label names only."""
+    if len(data.label_names) == 1:
+        return [
+            f"only one label is usable ('{data.label_names[0]}'); an episode needs 2 or more classes: "
+            "label scans of another class"
+        ]
+    train = Counter(data.labels[data.splits == "train"].tolist())
+    return [
+        f"label '{name}' has {train[index]} usable image(s) in the train split, fewer than {MIN_TRAIN_IMAGES}: "
+        "label more scans of it"
+        for index, name in enumerate(data.label_names)
+        if train[index] < MIN_TRAIN_IMAGES
+    ]
 
 
 _NO_LABEL_FIX = f"put it in a folder named after its label, or list it in {MANIFEST_NAME}"
@@ -379,14 +409,18 @@ def read_manifest(path: Path) -> Manifest | None:
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             columns = {(name or "").strip().lower() for name in reader.fieldnames or ()}
-            if "label" not in columns or not columns & {"file", "sop_instance_uid"}:
+            if {"file", "path"} <= columns:
+                raise UserError(f"{MANIFEST_NAME} has both a 'file' and a 'path' column (the same thing); keep one")
+            if "label" not in columns or not columns & {"file", "path", "sop_instance_uid"}:
                 raise UserError(
-                    f"{MANIFEST_NAME} needs a 'label' column and a 'file' or 'sop_instance_uid' column; "
+                    f"{MANIFEST_NAME} needs a 'label' column and a 'file' (or 'path') or 'sop_instance_uid' column; "
                     "add them to its header row"
                 )
             manifest = Manifest({}, {}, [])
             for raw in reader:
                 row = {(key or "").strip().lower(): (value or "").strip() for key, value in raw.items()}
+                if "path" in row:  # a common name for the file column
+                    row["file"] = row.pop("path")
                 _add_row(manifest, reader.line_num, row)
     except (OSError, UnicodeDecodeError, csv.Error):
         raise UserError(f"{MANIFEST_NAME} could not be read as UTF-8 CSV; save it as CSV with a header row") from None

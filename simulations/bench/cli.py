@@ -9,11 +9,11 @@ from typing import Any
 
 # benchmark -> module exposing add_arguments(parser) and run(args) -> dict
 BENCHMARKS: dict[str, str] = {
-    "maml": "simulations.bench_maml",
-    "ingest": "simulations.bench_ingest",
-    "scale": "simulations.bench_scale",
-    "adapt": "simulations.bench_adapt",
-    "quality": "simulations.bench_quality",
+    "maml": "simulations.bench.maml",
+    "ingest": "simulations.bench.ingest",
+    "scale": "simulations.bench.scale",
+    "adapt": "simulations.bench.adapt",
+    "quality": "simulations.bench.quality",
 }
 
 

@@ -3,14 +3,10 @@ federation grows with the same number of hospitals sampled per round.
 
 Each size is a full ``fedmeta simulate`` run (SuperLink, ``flwr run``, Ray); only sampled hospitals
 cost anything. Round time is the median over the rounds after the first (the first pays for Ray's
-start-up). Two kinds of federation (``--federation``):
-
-- ``linked`` (default): hospital data already on disk, as in a real federation. ``--clients-per-round``
-  synthetic hospitals are written and ingested once, before any timing; every hospital of every size
-  is a link to one of them, with its own privacy ledger. Round time then measures the federation.
-- ``new``: every hospital is written as synthetic DICOM and ingested the first time it is sampled.
-  At 1,000 hospitals nearly every sampled hospital is new, so round time includes that first-use
-  cost (``first_use_seconds`` per hospital, measured here), which a 10-hospital run pays in round 1 only.
+start-up). Hospital data is already on disk, as in a real federation: ``--clients-per-round`` synthetic
+hospitals are written and ingested once, before any timing (``first_use_seconds`` per hospital); every
+hospital of every size is a link to one of them, with its own privacy ledger. Round time then measures
+the federation.
 """
 
 from __future__ import annotations
@@ -26,9 +22,10 @@ from safetensors.torch import load_file
 
 from server.report import read_metrics
 from shared.config import FedMetaConfig
-from shared.dicom import PreprocessConfig
-from shared.hospital import load_hospital
-from shared.synthetic import hospital_name, write_synthetic_hospital
+from shared.data.dicom import PreprocessConfig
+from shared.data.federation import hospital_name
+from shared.data.hospital_folder import load_hospital
+from simulations.data.synthetic import write_synthetic_hospital
 from simulations.simulate import run_simulation, simulation_config
 
 
@@ -36,7 +33,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sizes", default="10,100,1000", help="comma-separated federation sizes")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--clients-per-round", type=int, default=10)
-    parser.add_argument("--federation", choices=("linked", "new"), default="linked", help="see the module docstring")
     parser.add_argument("--work-dir", type=Path, default=None, help="keep the runs here (default: temporary)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="run settings for every size")
 
@@ -63,7 +59,7 @@ def linked_federation(size: int, base: Path, base_count: int, work_dir: Path) ->
     return federation
 
 
-def measure(size: int, args: argparse.Namespace, work_dir: Path, federation: Path | None) -> dict[str, Any]:
+def measure(size: int, args: argparse.Namespace, work_dir: Path, federation: Path) -> dict[str, Any]:
     sim_args = argparse.Namespace(
         hospitals=size,
         rounds=args.rounds,
@@ -102,11 +98,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         first_use = written_hospitals(base_count, work_dir / "base")
         results = []
         for size in sizes:
-            linked = args.federation == "linked"
-            federation = linked_federation(size, work_dir / "base", base_count, work_dir) if linked else None
+            federation = linked_federation(size, work_dir / "base", base_count, work_dir)
             results.append(measure(size, args, work_dir, federation))
     base = results[0]["median_round_seconds"]
     for r in results:
         r["round_time_vs_smallest"] = round(r["median_round_seconds"] / base, 3)
     first_use_seconds = round(first_use, 2) if first_use is not None else None
-    return {"federation": args.federation, "first_use_seconds": first_use_seconds, "runs": results}
+    return {"federation": "linked", "first_use_seconds": first_use_seconds, "runs": results}

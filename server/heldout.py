@@ -1,10 +1,10 @@
-"""Hospitals that never train: the measure of whether the meta-model is worth having.
+"""Hospitals that never train, evaluated at the server: the measure of whether the meta-model is worth having.
 
-They live in ``FEDERATION/heldout/hospital-NNN``; in a synthetic federation they are written on
-first use from another seed stream than the training hospitals, so their scanners and label sets
-are new. Each is evaluated on few-shot tasks (K labelled scans per class from its train split,
-queries = its whole test split), and at the end compared with a model trained from scratch on
-exactly the same shots. The hospitals (their site secrets included) and the tasks follow the run's seed.
+They are folders the server can read, ``FEDERATION/heldout/hospital-NNN`` (in a simulation, written before the
+run starts from another seed stream than the training hospitals, so their scanners and label sets are new).
+Each is evaluated with the one few-shot protocol (:func:`shared.learning.evaluation.few_shot_metrics`: K labelled
+scans per class from its train split, queries = its whole test split), and at the end compared with a model
+trained from scratch on exactly the same shots. The tasks follow the run's seed.
 """
 
 from __future__ import annotations
@@ -15,50 +15,48 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from client.hospital import Hospital
 from shared.config import FedMetaConfig
+from shared.data.federation import HELDOUT_FOLDER, federation_dir, hospital_name
+from shared.data.hospital_folder import HospitalData, load_hospital, preprocess_for
 from shared.errors import UserError
-from shared.evaluation import (
+from shared.learning.evaluation import (
     FewShotTask,
     adapt_and_predict,
     classification_metrics,
+    few_shot_metrics,
+    hospital_tasks,
     train_from_scratch,
 )
-from shared.federation import federation_dir
-from shared.maml import MetaLearner, Params
-from shared.models import build_model
-from shared.synthetic import hospital_name, write_synthetic_hospital
+from shared.learning.maml import MetaLearner, Params
+from shared.learning.models import build_model
 
 log = logging.getLogger(__name__)
-HELDOUT_SEED_OFFSET = 7919  # held-out sites come from their own seed stream
 FINE_TUNE_STEPS = 100
 
 
 class HeldoutHospitals:
     def __init__(self, cfg: FedMetaConfig) -> None:
         self.cfg = cfg
-        self.root = federation_dir(cfg) / "heldout"
-        if cfg.data.synthetic:
-            self.folders = [self.root / hospital_name(i) for i in range(cfg.data.heldout_hospitals)]
-        else:
-            self.folders = sorted(self.root.glob("hospital-*"))[: cfg.data.heldout_hospitals]
-        self._hospitals: dict[Path, Hospital] = {}
+        self.root = federation_dir(cfg) / HELDOUT_FOLDER
+        self.folders = [self.root / hospital_name(i) for i in range(cfg.data.heldout_hospitals)]
+        self.learner = MetaLearner(build_model(cfg.model), cfg.maml)
+        self._data: dict[Path, HospitalData] = {}
 
-    def hospital(self, folder: Path) -> Hospital:
-        if folder not in self._hospitals:
-            if not folder.exists() and self.cfg.data.synthetic:
-                write_synthetic_hospital(
-                    self.root, int(folder.name.split("-")[1]), seed=self.cfg.seed + HELDOUT_SEED_OFFSET
-                )
-            self._hospitals[folder] = Hospital(folder, self.cfg)
-        return self._hospitals[folder]
+    def data(self, folder: Path) -> HospitalData:
+        if folder not in self._data:
+            if not folder.is_dir():
+                raise UserError(f"held-out hospital folder {folder} does not exist; write it before the run starts")
+            self._data[folder] = load_hospital(folder, preprocess_for(self.cfg))
+        return self._data[folder]
 
     def __call__(self, meta_params: Params) -> dict[str, dict[str, float]]:
         """Few-shot metrics of the meta-model on each held-out hospital."""
         results = {}
         for folder in self.folders:
             try:
-                results[folder.name] = self.hospital(folder).evaluate(meta_params, seed=self.cfg.seed)
+                results[folder.name] = few_shot_metrics(
+                    self.learner, meta_params, self.data(folder), self.cfg, seed=self.cfg.seed
+                )
             except UserError as err:
                 log.warning("held-out %s skipped: %s", folder.name, err)
         return results
@@ -72,20 +70,20 @@ class HeldoutHospitals:
         out: dict[str, dict] = {}
         for folder in self.folders:
             try:
-                hospital = self.hospital(folder)
-                tasks = hospital.few_shot_tasks(self.cfg.seed)
+                data = self.data(folder)
+                tasks = hospital_tasks(data, self.cfg, self.cfg.seed)
             except UserError as err:
                 log.warning("held-out %s skipped: %s", folder.name, err)
                 continue
-            out[folder.name] = self._compare_on(hospital, tasks, meta_params, scratch_init, fine_tune_steps)
+            out[folder.name] = self._compare_on(data, tasks, meta_params, scratch_init, fine_tune_steps)
         return out
 
     def _compare_on(
-        self, hospital: Hospital, tasks: list[FewShotTask], meta_params: Params, scratch_init: Params, steps: int
+        self, data: HospitalData, tasks: list[FewShotTask], meta_params: Params, scratch_init: Params, steps: int
     ) -> dict[str, object]:
-        train, test = hospital.data.split("train"), hospital.data.split("test")
+        train, test = data.split("train"), data.split("test")
         train_images, test_images = torch.from_numpy(train.images), torch.from_numpy(test.images)
-        learner = hospital.learner
+        learner = self.learner
         meta_model = {n: p for n, p in meta_params.items() if n in scratch_init}
         probs: dict[str, list[np.ndarray]] = {"meta": [], "meta+fine-tune": [], "scratch": []}
         for task in tasks:

@@ -20,17 +20,16 @@ import numpy as np
 import torch
 from safetensors.torch import save
 
-from client.hospital import preprocess_for
-from shared.adapt import RUN_CARD, RUN_WEIGHTS, adapt_hospital, load_meta_model
-from shared.adapted_model import save_adapted_model
+from client.adapt import RUN_CARD, RUN_WEIGHTS, adapt_hospital, load_meta_model
+from client.adapted_model import save_adapted_model
 from shared.atomic import atomic_write, atomic_write_json
 from shared.config import FedMetaConfig
-from shared.episodes import EpisodeError, EpisodeSampler
+from shared.data.hospital_folder import HospitalData, load_hospital, preprocess_for
 from shared.errors import UserError
-from shared.hospital import HospitalData, load_hospital
-from shared.maml import EpisodeBatch, MetaLearner, Params
-from shared.medmnist import import_medmnist
-from shared.models import build_model
+from shared.learning.episodes import EpisodeError, EpisodeSampler
+from shared.learning.maml import EpisodeBatch, MetaLearner, Params
+from shared.learning.models import build_model
+from simulations.data.medmnist import import_medmnist
 
 log = logging.getLogger(__name__)
 MEDMNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "medmnist"
@@ -131,7 +130,7 @@ def _bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     started = time.perf_counter()
     params = meta_train(hospitals, cfg, args.meta_steps, args.meta_lr, args.seed)
     meta_train_s = time.perf_counter() - started
-    note = f"simulations.bench_adapt.meta_train: {args.meta_steps} steps, Adam lr {args.meta_lr}, no Flower, no DP"
+    note = f"simulations.bench.adapt.meta_train: {args.meta_steps} steps, Adam lr {args.meta_lr}, no Flower, no DP"
     meta = load_meta_model(write_run_dir(work / "run", params, cfg, note))
 
     runs = []

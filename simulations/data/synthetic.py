@@ -24,6 +24,7 @@ import io
 import os
 import secrets
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,9 +43,11 @@ from pydicom.uid import (
     UltrasoundMultiFrameImageStorage,
 )
 
-from shared.dicom_write import StudyIdentity, write_image
+from shared.config import FedMetaConfig
+from shared.data.federation import HELDOUT_FOLDER, federation_dir, hospital_name
+from shared.data.hospital_folder import write_site_secret
 from shared.errors import UserError
-from shared.hospital import write_site_secret
+from simulations.data.dicom_write import StudyIdentity, write_image
 
 LESIONS = ("normal", "nodule", "ring", "streak")
 SIZE_TASK = ("large-nodule", "small-nodule")
@@ -115,13 +118,27 @@ def site_profile(hospital_index: int, seed: int) -> SiteProfile:
     )
 
 
-def hospital_name(hospital_index: int) -> str:
-    return f"hospital-{hospital_index:03d}"
+HELDOUT_SEED_OFFSET = 7919  # held-out sites come from their own seed stream
 
 
 def simulated_site_secret(seed: int, hospital_index: int, source: str = "synthetic") -> bytes:
     """A simulated hospital's site secret: HMAC-SHA256 keyed by the seed (and data source) of the hospital index."""
     return hmac.new(f"fedmeta {source} seed {seed}".encode(), str(hospital_index).encode(), hashlib.sha256).digest()
+
+
+def write_synthetic_federation(
+    cfg: FedMetaConfig, hospitals: int, progress: Callable[[int, int], None] | None = None
+) -> None:
+    """A simulation's hospitals, written before it starts (the apps only read hospital folders): training
+    hospitals 0..N-1 and ``data.heldout-hospitals`` held-out ones from their own seed stream, in
+    ``data.federation-dir``. Hospitals already there are kept. ``progress(done, total)`` after each."""
+    root = federation_dir(cfg)
+    jobs = [(root, i, cfg.seed) for i in range(hospitals)]
+    jobs += [(root / HELDOUT_FOLDER, i, cfg.seed + HELDOUT_SEED_OFFSET) for i in range(cfg.data.heldout_hospitals)]
+    for done, (folder, index, seed) in enumerate(jobs, start=1):
+        write_synthetic_hospital(folder, index, seed)
+        if progress is not None:
+            progress(done, len(jobs))
 
 
 def write_synthetic_hospital(out_dir: str | Path, hospital_index: int, seed: int, n_images: int | None = None) -> Path:

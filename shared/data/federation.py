@@ -1,4 +1,5 @@
-"""Where a run's hospitals live on this machine."""
+"""Where a run's hospitals live on this machine: ``FEDERATION/hospital-NNN`` train, ``FEDERATION/heldout/hospital-NNN``
+never train. A simulation writes them before it starts; the apps only read them."""
 
 from __future__ import annotations
 
@@ -7,6 +8,13 @@ from pathlib import Path
 from shared.config import FedMetaConfig
 
 DEFAULT_ROOT = Path.home() / ".cache" / "fedmeta" / "federations"
+
+
+HELDOUT_FOLDER = "heldout"
+
+
+def hospital_name(hospital_index: int) -> str:
+    return f"hospital-{hospital_index:03d}"
 
 
 def federation_dir(cfg: FedMetaConfig) -> Path:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from shared.dicom import PreprocessConfig
-from shared.hospital import IngestReport, NoUsableImagesError, load_hospital
+from shared.data.dicom import PreprocessConfig
+from shared.data.hospital_folder import IngestReport, NoUsableImagesError, load_hospital
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -38,7 +38,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def summary(report: IngestReport) -> str:
-    """The report as a short table: counts, images by modality and label, skipped files by reason."""
+    """The report as a short table: counts, images by modality and label, skipped files by reason, warnings."""
     lines = [
         f"files {report.files}, decoded {report.decoded} ({report.from_cache} from cache), images {report.images}, "
         f"skipped {len(report.skipped)}, {report.seconds:.2f} s"
@@ -51,4 +51,7 @@ def summary(report: IngestReport) -> str:
         if counts:
             lines.append(f"\n{title}")
             lines += [f"  {count:>6}  {name}" for name, count in counts.items()]
+    if report.warnings:
+        lines.append("\nwarnings")
+        lines += [f"  {warning}" for warning in report.warnings]
     return "\n".join(lines)

@@ -31,10 +31,11 @@ import torch
 import torch.nn.functional as F
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
 
-from shared.dicom_write import ANONYMOUS, write_image
+from shared.data.federation import hospital_name
+from shared.data.hospital_folder import write_site_secret
 from shared.errors import UserError
-from shared.hospital import write_site_secret
-from shared.synthetic import gaussian_blur, hospital_name, simulated_site_secret
+from simulations.data.dicom_write import ANONYMOUS, write_image
+from simulations.data.synthetic import gaussian_blur, simulated_site_secret
 
 Partition = Literal["iid", "dirichlet", "site-shift"]
 PARTITIONS: tuple[Partition, ...] = ("iid", "dirichlet", "site-shift")

@@ -1,0 +1,79 @@
+"""classification_metrics on small hand-computed examples."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from shared.learning.evaluation import classification_metrics
+
+# six scans of three classes; predicted (argmax) = [0, 1, 1, 2, 2, 2]
+Y = np.array([0, 0, 1, 1, 2, 2])
+PROBS = np.array(
+    [
+        [0.7, 0.2, 0.1],
+        [0.4, 0.5, 0.1],
+        [0.2, 0.6, 0.2],
+        [0.1, 0.3, 0.6],
+        [0.1, 0.2, 0.7],
+        [0.3, 0.3, 0.4],
+    ]
+)
+
+
+def test_three_classes_get_macro_one_vs_rest_auc_sensitivity_and_specificity() -> None:
+    metrics = classification_metrics(Y, PROBS)
+    # recall per class 1/2, 1/2, 1; not-c scans not predicted c: 4/4, 3/4, 3/4
+    # one-vs-rest AUC per class (ties count one half): 8/8, 6.5/8, 7/8
+    assert metrics == pytest.approx(
+        {
+            "accuracy": 4 / 6,
+            "balanced-accuracy": 2 / 3,
+            "queries": 6,
+            "auc": (1 + 6.5 / 8 + 7 / 8) / 3,
+            "macro-sensitivity": 2 / 3,
+            "macro-specificity": (1 + 0.75 + 0.75) / 3,
+        }
+    )
+
+
+def test_a_class_absent_from_the_queries_is_left_out_of_the_macro_averages() -> None:
+    present = Y != 1
+    metrics = classification_metrics(Y[present], PROBS[present])
+    # classes 0 and 2 only: recall 1/2 and 1; each ranks above the other class's scans and is never predicted there
+    assert metrics == pytest.approx(
+        {
+            "accuracy": 3 / 4,
+            "balanced-accuracy": 3 / 4,
+            "queries": 4,
+            "auc": 1.0,
+            "macro-sensitivity": 3 / 4,
+            "macro-specificity": 1.0,
+        }
+    )
+
+
+def test_one_class_present_has_no_auc_sensitivity_or_specificity() -> None:
+    assert set(classification_metrics(Y[:2], PROBS[:2])) == {"accuracy", "balanced-accuracy", "queries"}
+    assert set(classification_metrics(np.array([1, 1]), np.array([[0.2, 0.8], [0.6, 0.4]]))) == {
+        "accuracy",
+        "balanced-accuracy",
+        "queries",
+    }
+
+
+def test_two_classes_keep_auc_sensitivity_and_specificity_of_the_positive_class_1() -> None:
+    y = np.array([0, 0, 0, 1, 1])
+    p1 = np.array([0.1, 0.6, 0.4, 0.7, 0.3])
+    metrics = classification_metrics(y, np.stack([1 - p1, p1], axis=1))
+    # predicted [0, 1, 0, 1, 0]; AUC: 0.7 beats all three negatives, 0.3 beats one
+    assert metrics == pytest.approx(
+        {
+            "accuracy": 3 / 5,
+            "balanced-accuracy": (2 / 3 + 1 / 2) / 2,
+            "queries": 5,
+            "auc": 4 / 6,
+            "sensitivity": 1 / 2,
+            "specificity": 2 / 3,
+        }
+    )

@@ -265,7 +265,8 @@ def results_table(result: dict[str, Any]) -> str:
     epsilon = result["epsilon"]
     if not epsilon:
         lines.append("  DP off" if result["epsilon_max"] == 0 else "  none reported")
-    for hospital, value in sorted(epsilon.items(), key=lambda kv: -float("inf") if kv[1] is None else -kv[1]):
+    # most spent first (no DP first of all), then by name
+    for hospital, value in sorted(epsilon.items(), key=lambda kv: (-float("inf") if kv[1] is None else -kv[1], kv[0])):
         lines.append(f"  {hospital:<28}{'no DP':>8}" if value is None else f"  {hospital:<28}{value:8.3f}")
     return "\n".join(lines)
 

@@ -20,7 +20,7 @@ import torch
 
 from client.ledger import LEDGER_FILE, BudgetExhausted, PrivacyLedger
 from client.policy import HospitalPolicy, PolicyRefusal
-from client.privacy import finite_episodes
+from client.privacy import zero_diverged
 from client.private_training import PrivateTraining
 from shared.config import FedMetaConfig, PrivacyConfig
 from shared.data.hospital_folder import STATE_FOLDER, HospitalData, load_hospital, preprocess_for
@@ -146,15 +146,16 @@ class Hospital:
         part = self.data.split(split)
         return part, torch.from_numpy(part.images).to(self.device)
 
-    def privacy_units(self, train: HospitalData) -> list[str]:
+    @cached_property
+    def privacy_units(self) -> list[str]:
         """The protected record of each train image: its patient (when known and the unit) or the image itself."""
+        train = self.data.split("train")
         if self.cfg.privacy.unit == "record":
             return list(train.record_ids)
         return [p or r for p, r in zip(train.patient_keys, train.record_ids, strict=True)]
 
     def private_training(self) -> PrivateTraining:
-        train = self.data.split("train")
-        units = len(set(self.privacy_units(train)))
+        units = len(set(self.privacy_units))
         return PrivateTraining(self.state_dir / LEDGER_FILE, self.cfg.privacy, self.policy, units)
 
     def open_ledger(self) -> PrivacyLedger:
@@ -194,14 +195,14 @@ class Hospital:
                 )
                 for _ in range(steps)
             ]
-            means = [_finite_mean(o) for o in outers]
+            means = [{n: g.mean(0) for n, g in zero_diverged(o).items()} for o in outers]
             metrics = {"episodes": float(self.cfg.episode.meta_batch * steps), "epsilon": 0.0, "delta": 0.0, "dp": 0.0}
             losses = torch.cat([o.query_losses for o in outers])
             metrics["query-loss"] = float(losses[losses.isfinite()].mean()) if losses.isfinite().any() else 0.0
             return TrainResult(_mean(means), metrics)
 
         rng = np.random.default_rng(secrets.randbits(128))
-        units = self.privacy_units(train)
+        units = self.privacy_units
         groups_by_key: dict[str, np.ndarray] = {}
 
         def step(grouping_key: str) -> OuterGrads:
@@ -209,8 +210,7 @@ class Hospital:
                 groups_by_key[grouping_key] = episode_groups(units, grouping_key, privacy.episode_groups)
             return self._group_outer_grads(meta_params, train.labels, images, groups_by_key[grouping_key], rng)
 
-        private = PrivateTraining(self.state_dir / LEDGER_FILE, privacy, self.policy, len(set(units)))
-        outcome = private.run(meta_params, steps, step)
+        outcome = self.private_training().run(meta_params, steps, step)
         if isinstance(outcome, BudgetExhausted):
             return outcome
         metrics = {
@@ -277,12 +277,6 @@ class Hospital:
 def virtual_state_dir(folder: Path, cfg: FedMetaConfig) -> Path:
     """A simulated hospital's state: under ``data.state-dir`` when the simulation sets one, else its own folder."""
     return Path(cfg.data.state_dir) / folder.name if cfg.data.state_dir else folder / STATE_FOLDER
-
-
-def _finite_mean(outer: OuterGrads) -> Params:
-    """The mean over episodes whose gradient is finite (a diverged episode counts as zero)."""
-    finite = finite_episodes(outer)
-    return {n: torch.where(finite.view(-1, *[1] * (g.dim() - 1)), g, 0.0).mean(0) for n, g in outer.grads.items()}
 
 
 def _mean(grads: list[Params]) -> Params:

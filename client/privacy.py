@@ -94,14 +94,13 @@ class NoiseCalibration:
         return self.noise_std / self.max_grad_norm
 
 
-def finite_episodes(outer: OuterGrads) -> torch.Tensor:
-    """``[E]`` booleans: the episodes whose outer-loop gradient is finite in every parameter."""
+def zero_diverged(outer: OuterGrads) -> Params:
+    """The per-episode gradients with every episode that is not finite in some parameter set to zero."""
     rows = [g.flatten(1).isfinite().all(1) for g in outer.grads.values()]
-    return torch.stack(rows).all(0) if rows else torch.ones(0, dtype=torch.bool)
-
-
-def _rows(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return mask.view(-1, *([1] * (like.dim() - 1)))
+    if not rows:
+        return dict(outer.grads)
+    finite = torch.stack(rows).all(0)
+    return {n: torch.where(finite.view(-1, *[1] * (g.dim() - 1)), g, 0.0) for n, g in outer.grads.items()}
 
 
 class PrivateRelease:
@@ -132,11 +131,11 @@ class PrivateRelease:
 
     def _load(self, outer: OuterGrads) -> None:
         self.optimizer.zero_grad(set_to_none=True)
-        finite = finite_episodes(outer)
+        # A diverged episode counts as a zero gradient: the release stays finite and private, and
+        # whether an episode diverged (which the server can provoke) does not show in the reply.
+        grads = zero_diverged(outer)
         for name, p in self.params.items():
-            # A diverged episode counts as a zero gradient: the release stays finite and private, and
-            # whether an episode diverged (which the server can provoke) does not show in the reply.
-            p.grad_sample = torch.where(_rows(finite, outer.grads[name]), outer.grads[name], 0.0).to(p.dtype)
+            p.grad_sample = grads[name].to(p.dtype)
 
     def release(self, outer: OuterGrads) -> Params:
         self._load(outer)

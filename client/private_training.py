@@ -77,8 +77,8 @@ class PrivateTraining:
         privacy = self.privacy
         with PrivacyLedger.locked(self.ledger_path):
             ledger = self.open_ledger()
-            calibration = self.calibration(ledger)
             ledger.noise_multiplier = self.pinned_noise(ledger)  # written with the first step
+            calibration = self.calibration(ledger)
             delta = min(ledger.delta, privacy.delta)
             device = next(iter(meta_params.values())).device
             noise = torch.Generator(device=device).manual_seed(secrets.randbits(63))

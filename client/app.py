@@ -106,16 +106,17 @@ def public_name(context: Context) -> str | None:
     return None
 
 
-def _handle(msg: Message, context: Context, work: Callable[[Hospital, Params, Message], Message]) -> Message:
+def _named(msg: Message, context: Context, answer: Callable[[], Message]) -> Message:
+    """``answer()`` with this hospital's public name on it (in front of an Error's reason, which holds only text)."""
     try:
         name = public_name(context)
     except WireError as err:
         log.error("%s", err)
         return Message(Error(HOSPITAL_UNAVAILABLE, str(err)), reply_to=msg)
-    reply = _answer(msg, context, work)
+    reply = answer()
     if name is None:
         return reply
-    if reply.has_error():  # an Error carries only a code and a reason: the name goes in front of the reason
+    if reply.has_error():
         return Message(Error(reply.error.code, named_reason(name, reply.error.reason or "")), reply_to=msg)
     reply.content[HOSPITAL_KEY] = ConfigRecord({"name": name})
     return reply
@@ -183,20 +184,15 @@ def _evaluate_reply(hospital: Hospital, params: Params, msg: Message) -> Message
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    return _handle(msg, context, _train_reply)
+    return _named(msg, context, lambda: _answer(msg, context, _train_reply))
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    return _handle(msg, context, _evaluate_reply)
+    return _named(msg, context, lambda: _answer(msg, context, _evaluate_reply))
 
 
 @app.query()
 def roll_call(msg: Message, context: Context) -> Message:
     """The server's roll call: this hospital's public name only; no data is read."""
-    try:
-        name = public_name(context)
-    except WireError as err:
-        log.error("%s", err)
-        return Message(Error(HOSPITAL_UNAVAILABLE, str(err)), reply_to=msg)
-    return Message(RecordDict({HOSPITAL_KEY: ConfigRecord({"name": name})} if name else {}), reply_to=msg)
+    return _named(msg, context, lambda: Message(RecordDict(), reply_to=msg))

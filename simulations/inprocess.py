@@ -51,11 +51,14 @@ class InProcessGrid(Grid):
     def get_node_ids(self) -> Iterable[int]:
         return list(self.handlers)
 
+    def handler_for(self, msg: Message) -> Handler:
+        return self.handlers[msg.metadata.dst_node_id]
+
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         replies = []
         for msg in messages:
             msg.metadata.__dict__["_message_id"] = str(uuid4())
-            reply = self.handlers[msg.metadata.dst_node_id](msg)
+            reply = self.handler_for(msg)(msg)
             if reply is not None:
                 reply.metadata.__dict__["_src_node_id"] = msg.metadata.dst_node_id
                 replies.append(reply)

@@ -11,7 +11,7 @@ from typing import Any
 from flwr.app import Message, MessageType
 
 from client.app import app as client_app
-from simulations.inprocess import InProcessGrid
+from simulations.inprocess import Handler, InProcessGrid
 
 __all__ = ["Interrupted", "LoopbackGrid", "client_app"]
 
@@ -29,17 +29,16 @@ class LoopbackGrid(InProcessGrid):
         self.train_rounds_left: int | None = None
         self.real_handlers = dict(self.handlers)
 
+    def handler_for(self, msg: Message) -> Handler:
+        if msg.metadata.message_type == MessageType.QUERY:  # the real ClientApp answers the roll call
+            return self.real_handlers.get(msg.metadata.dst_node_id, self.handlers[msg.metadata.dst_node_id])
+        return super().handler_for(msg)
+
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
         if messages and messages[0].metadata.message_type == MessageType.QUERY:
             self.roll_calls.extend(messages)
-            present = [m for m in messages if m.metadata.dst_node_id in self.handlers]
-            replies = []
-            for msg in present:
-                reply = self.real_handlers.get(msg.metadata.dst_node_id, self.handlers[msg.metadata.dst_node_id])(msg)
-                reply.metadata.__dict__["_src_node_id"] = msg.metadata.dst_node_id
-                replies.append(reply)
-            return replies
+            return super().send_and_receive(messages, timeout=timeout)
         if messages and messages[0].metadata.message_type == "train" and self.train_rounds_left is not None:
             if self.train_rounds_left == 0:
                 raise Interrupted

@@ -10,9 +10,12 @@ export FLWR_HOME := $(CURDIR)/.flwr
 
 .PHONY: run test lint clean
 
+# pip's own lines say what it fetches and installs; its progress bars only on a terminal (a log gets lines).
 $(INSTALLED): pyproject.toml
+	@echo "make: installing fedmeta and its dependencies (PyTorch, Flower, Opacus, ...) into $(VENV); minutes the first time"
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@if [ -t 1 ]; then bar=on; else bar=off; fi; $(BIN)/python -m pip install --progress-bar $$bar -e '.[dev]'
+	@echo "make: $(VENV) is ready"
 	touch $@
 
 # 10 synthetic hospitals (written on first use), 4 sampled per round, DP on; then the results table.

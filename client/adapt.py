@@ -5,8 +5,11 @@ How to adapt is chosen on them alone, by leave-one-shot-per-class-out cross-vali
 the j-th shot of every class), among:
 
 * ``inner-loop-<k>``: the meta-training inner loop, k steps (``maml.inner-steps`` and ``episode.eval-steps``);
-* ``fine-tune-lr<lr>``: Adam on every parameter from the meta-model, :data:`FINE_TUNE_STEPS` steps;
-* ``scratch-lr<lr>``: the same recipe from a fresh initialisation, what the hospital has without fedmeta.
+* ``fine-tune-lr<lr>``: Adam on every parameter from the meta-model;
+* ``scratch-lr<lr>``: the same recipe from a fresh initialisation, what the hospital has without fedmeta;
+
+the recipes, step counts and rates of :class:`~shared.learning.evaluation.FewShotProtocol`, the one protocol the
+server's held-out comparison and ``bench quality`` use too.
 
 The chosen candidate is trained on all the shots and evaluated once on the hospital's test split, next to
 the best scratch candidate (chosen by the same validation), with bootstrap intervals for both and for
@@ -20,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -30,7 +32,6 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from safetensors.torch import load
 
 from client.adapted_model import (
     CARD_FILE,
@@ -40,64 +41,22 @@ from client.adapted_model import (
     check_model_folder,
     save_adapted_model,
 )
-from shared.config import ConfigError, FedMetaConfig
+from shared.config import FedMetaConfig
 from shared.data.dicom import PreprocessConfig
 from shared.data.hospital_folder import HospitalData, load_hospital, preprocess_for
 from shared.errors import UserError
 from shared.learning.evaluation import (
     BOOTSTRAP_RESAMPLES,
+    FewShotProtocol,
     classification_metrics,
     few_shot_tasks,
-    fine_tune,
     paired_bootstrap,
 )
 from shared.learning.maml import INNER_LR_PREFIX, MetaLearner, Params, intra_op_threads
 from shared.learning.models import HEAD_PREFIX, build_model
+from shared.run_folder import MetaModel, load_meta_model
 
-RUN_WEIGHTS = "meta-model.safetensors"
-RUN_CARD = "model-card.json"
-FINE_TUNE_STEPS = 100
-FINE_TUNE_LRS = (1e-3, 1e-2)
 CandidateKind = Literal["inner-loop", "fine-tune", "scratch"]
-
-
-@dataclass(frozen=True, eq=False)
-class MetaModel:
-    params: Params
-    cfg: FedMetaConfig
-    weights: Path
-    sha256: str
-
-
-def load_meta_model(path: Path) -> MetaModel:
-    """The meta-parameters of a run folder (or its ``meta-model.safetensors``) and the run's config."""
-    path = Path(path)
-    weights = path / RUN_WEIGHTS if path.is_dir() else path
-    card = weights.parent / RUN_CARD
-    if not weights.is_file():
-        raise UserError(f"{weights} does not exist; pass a finished run folder (it holds {RUN_WEIGHTS})")
-    if not card.is_file():
-        raise UserError(f"{card} does not exist; pass the run folder the meta-model was written in (its config)")
-    try:
-        cfg = FedMetaConfig.from_flat(json.loads(card.read_text())["config"])
-    except ConfigError as err:
-        raise UserError(f"{card}: {err}") from None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        raise UserError(f"{card} has no readable 'config'; pass the run folder written by the fedmeta server") from None
-    try:
-        data = weights.read_bytes()
-        params = load(data)
-    except Exception:
-        raise UserError(f"{weights} is not a readable safetensors file; pass the run's {RUN_WEIGHTS}") from None
-    expected = MetaLearner(build_model(cfg.model), cfg.maml).init_meta_params()
-    if {n: tuple(p.shape) for n, p in params.items()} != {n: tuple(p.shape) for n, p in expected.items()}:
-        raise UserError(
-            f"{weights} does not match the architecture of {card} (model.arch={cfg.model.arch}, "
-            f"model.width={cfg.model.width}, maml.meta-sgd={cfg.maml.meta_sgd}); pass the two files of one run"
-        )
-    return MetaModel(
-        {n: p.float() for n, p in params.items()}, cfg, weights.resolve(), hashlib.sha256(data).hexdigest()
-    )
 
 
 @dataclass(frozen=True, eq=False)
@@ -116,24 +75,24 @@ class Candidate:
 
 
 def candidates(cfg: FedMetaConfig, meta_init: Params, fresh_init: Params) -> list[Candidate]:
+    protocol = FewShotProtocol.for_run(cfg)
+    steps = protocol.fine_tune_steps
     inner = [
         Candidate(f"inner-loop-{k}", "inner-loop", meta_init, k)
-        for k in sorted({cfg.maml.inner_steps, cfg.episode.eval_steps} - {0})
+        for k in sorted({cfg.maml.inner_steps, protocol.inner_steps} - {0})
     ]
-    fine = [Candidate(f"fine-tune-lr{lr:g}", "fine-tune", meta_init, FINE_TUNE_STEPS, lr) for lr in FINE_TUNE_LRS]
-    scratch = [Candidate(f"scratch-lr{lr:g}", "scratch", fresh_init, FINE_TUNE_STEPS, lr) for lr in FINE_TUNE_LRS]
+    fine = [Candidate(f"fine-tune-lr{lr:g}", "fine-tune", meta_init, steps, lr) for lr in protocol.adam_lrs]
+    scratch = [Candidate(f"scratch-lr{lr:g}", "scratch", fresh_init, steps, lr) for lr in protocol.adam_lrs]
     return inner + fine + scratch
 
 
 def fit(learner: MetaLearner, candidate: Candidate, sx: torch.Tensor, sy: torch.Tensor) -> Params:
     """The model's parameters after training ``candidate`` on the shots ``sx``, ``sy``."""
-    names = [name for name, _ in learner.model.named_parameters()]
     if candidate.kind == "inner-loop":
-        with torch.enable_grad():
-            adapted = learner.adapted_params(candidate.init, sx, sy, learner.detached_inner_grads, candidate.steps)
-        return {n: adapted.get(n, candidate.init[n]).detach() for n in names}
+        adapted = FewShotProtocol.inner_loop(learner, candidate.init, sx, sy, candidate.steps)
+        return {name: adapted[name] for name, _ in learner.model.named_parameters()}
     assert candidate.lr is not None
-    return fine_tune(learner, {n: candidate.init[n] for n in names}, sx, sy, candidate.steps, candidate.lr)
+    return FewShotProtocol.adam(learner, candidate.init, sx, sy, candidate.steps, candidate.lr)
 
 
 def cross_validate(
@@ -221,10 +180,7 @@ def adapt_hospital(
     model_cfg = dataclasses.replace(meta.cfg.model, n_way=classes)
     learner = MetaLearner(build_model(model_cfg), meta.cfg.maml)
     meta_init, head = meta_init_for(meta, classes)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        fresh_init = {n: p.detach().clone() for n, p in build_model(model_cfg).named_parameters()}
-    options = candidates(meta.cfg, meta_init, fresh_init)
+    options = candidates(meta.cfg, meta_init, FewShotProtocol.fresh_init(model_cfg, seed))
 
     sx, sy = torch.from_numpy(train.images[task.support]), torch.from_numpy(task.support_y)
     validation = cross_validate(learner, options, sx, sy, shots)

@@ -30,8 +30,9 @@ from client.ledger import BudgetExhausted
 from client.policy import POLICY_FILE, PolicyRefusal, load_policy
 from shared.config import FedMetaConfig
 from shared.data.federation import federation_dir, hospital_name
-from shared.data.hospital_folder import STATE_FOLDER
+from shared.data.site_keys import STATE_FOLDER
 from shared.errors import UserError
+from shared.flower_processes import quiet_app_output
 from shared.learning.maml import Params, pick_device
 from shared.wire import (
     CONFIG_KEY,
@@ -55,6 +56,7 @@ from shared.wire import (
 
 log = logging.getLogger(__name__)
 app = ClientApp()
+quiet_app_output()
 
 
 POLICY_OVERRIDE = "policy."

@@ -13,17 +13,25 @@ before any of it is installed or imported.
 The SuperLink refuses a key that is not registered, and also, for up to two missed heartbeats
 (about a minute), the key of a client that crashed and has not been noticed gone yet: so a refused
 client tries again for ``--activation-timeout`` seconds before it gives up with a clear message.
+
+Flower's SuperNode retries a server that does not answer forever, one ``Connection attempt failed``
+warning each time. Here it retries for ``--wait-for-server`` seconds (its ``--max-wait-time``), and the
+hospital is told once that the server does not answer (at start, or after a run: ``fedmeta server`` stops
+its SuperLink when the run ends) and once that it answers again. A SuperLink that no longer knows this
+SuperNode (a new server run folder) makes Flower's SuperNode exit; the client joins again.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import os
 import re
 import time
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -34,6 +42,7 @@ from client.policy import policy_from_mapping
 from client.trusted_app import REFUSED_PREFIX, write_task_commands
 from shared.certs import CA_CERT, hospital_key
 from shared.config import parse_assignments
+from shared.data.site_keys import STATE_FOLDER
 from shared.errors import UserError
 from shared.flower_processes import (
     PROJECT_DIR,
@@ -49,11 +58,22 @@ from shared.flower_processes import (
 )
 
 ACTIVATION_TIMEOUT_S = 1.5 * HEARTBEAT_PATIENCE * HEARTBEAT_DEFAULT_INTERVAL
+SERVER_WAIT_S = 600.0
 RETRY_PAUSE_S = 5.0
+# What Flower's SuperNode logs, in the order of a session
 CONNECTED = re.compile(r"SuperNode ID: (\d+)")
+RUN = re.compile(r"\[RUN (\d+)")
+RECEIVING = re.compile(r"Receiving: (\w+) message")
+RETRYING = "Connection attempt failed"
+ANSWERS_AGAIN = "Connection successful after"
+GAVE_UP = "Giving up reconnection"
+SUPERNODE_ENDED = "SuperNode terminated gracefully"
 REFUSED = "Failed to activate SuperNode"
+APP_RAISED = "ClientApp raised an exception"
+ASKED = {"train": "asked to train", "evaluate": "asked to evaluate", "query": "asked for its name (roll call)"}
 TLS_FAILED = re.compile(r"\[SSL[^\]]*\][^(]*|SSL/TLS handshake error")
-WORTH_SHOWING = re.compile(r"\b(WARNING|ERROR)\b(?!.*Exit Code)")  # an exit is explained by this command
+# an exit is explained by this command, and --insecure by its own warning
+WORTH_SHOWING = re.compile(r"\b(WARNING|ERROR)\b(?!.*(Exit Code|Option `--insecure`))")
 
 
 def say(message: str) -> None:
@@ -71,10 +91,11 @@ class ClientSettings:
     policy_file: Path | None  # None: the ClientApp's default, HOSPITAL/.fedmeta/policy.toml
     policy_overrides: dict[str, object]  # policy key -> typed value, from --privacy
     activation_timeout_s: float
+    server_wait_s: float  # 0: wait for a server that does not answer forever
 
     @property
     def state_dir(self) -> Path:
-        return self.hospital / ".fedmeta"
+        return self.hospital / STATE_FOLDER
 
     def node_config(self) -> str:
         items: dict[str, object] = {"data-path": str(self.hospital), "hospital-name": self.name}
@@ -113,6 +134,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="SECONDS",
         help=f"how long a refused key is tried again (default {ACTIVATION_TIMEOUT_S:.0f})",
     )
+    parser.add_argument(
+        "--wait-for-server",
+        type=float,
+        default=SERVER_WAIT_S,
+        metavar="SECONDS",
+        help="how long a server that does not answer (not started yet, its run ended, restarting) is waited for "
+        f"before the client exits; 0: forever (default {SERVER_WAIT_S:.0f})",
+    )
     parser.set_defaults(handler=_run)
 
 
@@ -134,6 +163,8 @@ def settings_from_args(args: argparse.Namespace) -> ClientSettings:
         raise UserError(f"--policy {policy_file} does not exist: give the hospital's policy TOML file, or leave it out")
     overrides = _policy_overrides(args.privacy)
     local_port = free_port() if args.port is None else args.port
+    if args.activation_timeout < 0 or args.wait_for_server < 0:
+        raise UserError("--activation-timeout and --wait-for-server are seconds, 0 or more")
     if not port_is_free("127.0.0.1", local_port):
         raise UserError(f"local port {local_port} is in use (another hospital's client?): pick another --port")
     return ClientSettings(
@@ -146,6 +177,7 @@ def settings_from_args(args: argparse.Namespace) -> ClientSettings:
         policy_file=policy_file,
         policy_overrides=overrides,
         activation_timeout_s=args.activation_timeout,
+        server_wait_s=args.wait_for_server,
     )
 
 
@@ -201,6 +233,8 @@ def supernode_command(settings: ClientSettings) -> list[str]:
         command.append("--insecure")
     else:
         command += ["--root-certificates", str(settings.ca), "--auth-supernode-private-key", str(settings.key)]
+    if settings.server_wait_s > 0:
+        command += ["--max-wait-time", f"{settings.server_wait_s:g}"]
     return [
         *command,
         *("--isolation", "subprocess"),
@@ -210,31 +244,84 @@ def supernode_command(settings: ClientSettings) -> list[str]:
 
 
 class SupernodeOutput:
-    """What the SuperNode said that matters: connected, refused, a TLS failure; shows warnings once."""
+    """What the SuperNode says that matters, in the hospital's words: connected, each request, the server
+    gone and back (once each, instead of Flower's retry warning every few seconds), a refused key or run,
+    a TLS failure; other warnings once."""
 
-    def __init__(self, settings: ClientSettings) -> None:
+    def __init__(self, settings: ClientSettings, stop: Callable[[], None]) -> None:
         self.settings = settings
+        self.stop = stop  # once connected, Flower's SuperNode stays up after it gives up on the server
+        self.node_id: str | None = None
         self.refused = False
+        self.gave_up = False
+        self.ended = False
+        self.refused_run = False  # since the latest request
         self.tls_error = ""
+        self.server_silent = False
+        self.run = ""  # the run of the latest request, for the line that says the server stopped answering
+        self.requests: Counter[str] = Counter()  # run -> requests so far
+        self._run_logged = ""
         self._last_shown = ""
 
     def __call__(self, line: str) -> None:
         if connected := CONNECTED.search(line):
-            say(f"hospital {self.settings.name} connected to {self.settings.server} as SuperNode {connected.group(1)}")
+            self.node_id, self.server_silent = connected.group(1), False
+            say(f"hospital {self.settings.name} connected to {self.settings.server} as SuperNode {self.node_id}")
+        elif RETRYING in line:
+            if not (self.server_silent or self.gave_up or self.ended):
+                self.server_silent = True
+                say(self.server_silent_text())
+        elif ANSWERS_AGAIN in line:
+            if self.server_silent and self.node_id is not None:
+                say(f"the server at {self.settings.server} answers again")
+            self.server_silent = False
+        elif GAVE_UP in line:
+            self.gave_up = True
+            if self.node_id is not None:
+                self.stop()
+        elif SUPERNODE_ENDED in line:
+            self.ended = True
         elif REFUSED in line:
             self.refused = True
         elif REFUSED_PREFIX in line:
+            self.refused_run = True
             say(line[line.index(REFUSED_PREFIX) :].removeprefix("fedmeta: "))
+        elif APP_RAISED in line and self.refused_run:
+            return  # how Flower reports the refusal just shown
         elif tls := TLS_FAILED.search(line):  # keep OpenSSL's reason over the generic line
             self.tls_error = max(self.tls_error, tls.group(0).strip(), key=len)
+        elif run := RUN.search(line):
+            self._run_logged = run.group(1)
+        elif received := RECEIVING.search(line):
+            self.run, kind = self._run_logged, received.group(1)
+            self.refused_run = False
+            self.requests[self.run] += 1
+            say(f"run {self.run}, request {self.requests[self.run]}: {ASKED.get(kind, f'a {kind} message')}")
+        elif self.gave_up:
+            return  # the errors of a SuperNode that gave up on the server: join() says what happened
         elif WORTH_SHOWING.search(line):
-            shown = re.sub(r"[\d.]+", "#", line)  # "retrying in 1.23 seconds" is shown once, not every time
+            shown = re.sub(r"[\d.]+", "#", line)  # a line repeated with other numbers is shown once
             if shown != self._last_shown:
                 self._last_shown = shown
                 print(line, flush=True)
 
+    def server_silent_text(self) -> str:
+        wait_s = self.settings.server_wait_s
+        limit = f"up to {wait_s:.0f}s (--wait-for-server)" if wait_s > 0 else "until Ctrl-C"
+        if self.node_id is None:
+            return f"waiting for the server at {self.settings.server} to answer, {limit}"
+        after = f" after run {self.run}" if self.run else ""
+        return (
+            f"the server at {self.settings.server} stopped answering{after}: its run ended, or it stopped or "
+            f"restarts; waiting for it {limit}"
+        )
+
+
+Ending = Literal["refused", "server gone", "forgotten"]
+
 
 def join(settings: ClientSettings) -> None:
+    """Run the SuperNode until Ctrl-C, SIGTERM, or a server that stopped answering for ``--wait-for-server``."""
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     log_path = settings.state_dir / "supernode.log"
     env = flower_env(settings.state_dir / "flower")
@@ -243,29 +330,41 @@ def join(settings: ClientSettings) -> None:
     env["PATH"] = f"{task_commands}{os.pathsep}{env['PATH']}"
     security = "TLS, key " + str(settings.key) if settings.key else "INSECURE"
     say(f"hospital {settings.name} ({settings.hospital}) joining {settings.server} ({security}); log {log_path}")
-    deadline = time.monotonic() + settings.activation_timeout_s
+    refused_since: float | None = None
     with sigterm_as_interrupt():
-        for attempt in itertools.count():
-            if run_supernode(settings, env, log_path):
+        while True:
+            ending = run_supernode(settings, env, log_path)
+            if ending == "server gone":
+                say(
+                    f"the server at {settings.server} has not answered for {settings.server_wait_s:.0f}s: stopping. "
+                    "Start `fedmeta client` again to join the server's next run"
+                )
                 return
-            if time.monotonic() + RETRY_PAUSE_S > deadline:
+            if ending == "forgotten":
+                refused_since = None
+                say(f"the server at {settings.server} no longer knows this SuperNode (a new run folder?): joining")
+                continue
+            now = time.monotonic()
+            refused_since = now if refused_since is None else refused_since
+            if now + RETRY_PAUSE_S > refused_since + settings.activation_timeout_s:
                 raise UserError(
                     f"{settings.server} refused hospital {settings.name}'s key {settings.key}: register "
                     f"{settings.name}.key.pub at the server (`fedmeta server` registers each key in CERTS/hospitals/), "
                     "or stop the other client using this key"
                 )
-            if attempt == 0:
+            if refused_since == now:
                 say(
-                    "the server refuses this key for now (not registered yet, or a crashed client with it is still "
-                    f"listed); trying again for up to {settings.activation_timeout_s:.0f}s"
+                    f"waiting for the server to accept hospital {settings.name}'s key, up to "
+                    f"{settings.activation_timeout_s:.0f}s: `fedmeta server` registers keys as it starts, and lets go "
+                    "of an earlier client with this key within a minute"
                 )
             time.sleep(RETRY_PAUSE_S)
 
 
-def run_supernode(settings: ClientSettings, env: dict[str, str], log_path: Path) -> bool:
-    """Run the SuperNode until it ends; False when the SuperLink refused its key."""
-    output = SupernodeOutput(settings)
+def run_supernode(settings: ClientSettings, env: dict[str, str], log_path: Path) -> Ending:
+    """Run one SuperNode until it ends; how it ended, or a UserError for what the hospital must fix."""
     supernode = ProcessTree(supernode_command(settings), env)
+    output = SupernodeOutput(settings, stop=supernode.terminate)
     try:
         status = follow(supernode, log_path, output)
     finally:
@@ -276,7 +375,14 @@ def run_supernode(settings: ClientSettings, env: dict[str, str], log_path: Path)
             "host name its certificate lists (`fedmeta certs --server-host`)"
         )
     if output.refused:
-        return False
-    if status != 0:
-        raise UserError(f"the Flower SuperNode exited with status {status}; see {log_path}")
-    return True
+        return "refused"
+    if output.gave_up and output.node_id is None:
+        raise UserError(
+            f"the server at {settings.server} did not answer within {settings.server_wait_s:.0f}s: check --server "
+            "HOST:PORT and that `fedmeta server` runs there (or wait longer: --wait-for-server SECONDS)"
+        )
+    if output.gave_up:
+        return "server gone"
+    if status == 0 and output.node_id is not None:
+        return "forgotten"
+    raise UserError(f"the Flower SuperNode exited with status {status}; see {log_path}")

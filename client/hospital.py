@@ -23,7 +23,8 @@ from client.policy import HospitalPolicy, PolicyRefusal
 from client.privacy import zero_diverged
 from client.private_training import PrivateTraining
 from shared.config import FedMetaConfig, PrivacyConfig
-from shared.data.hospital_folder import STATE_FOLDER, HospitalData, load_hospital, preprocess_for
+from shared.data.hospital_folder import HospitalData, load_hospital, preprocess_for
+from shared.data.site_keys import STATE_FOLDER
 from shared.learning.episodes import (
     MAML_TASKS,
     EpisodeIndices,
@@ -246,10 +247,10 @@ class Hospital:
             return OuterGrads(zeros, torch.zeros(0, device=self.device))
         return self.learner.per_episode_outer_grads(meta_params, stack_episodes(images, episodes))
 
-    def evaluate(self, meta_params: Params, steps: int | None = None, seed: int = 0) -> dict[str, float]:
+    def evaluate(self, meta_params: Params) -> dict[str, float]:
         """Few-shot metrics on the hospital's test split (aggregates only, no counts)."""
         meta_params = {n: p.to(self.device) for n, p in meta_params.items()}
-        metrics = few_shot_metrics(self.learner, meta_params, self.data, self.cfg, steps, seed)
+        metrics = few_shot_metrics(self.learner, meta_params, self.data, self.cfg)
         return {k: v for k, v in metrics.items() if k in EVALUATE_METRICS}
 
     def answer_evaluation(self, meta_params: Params) -> dict[str, float] | PolicyRefusal:

@@ -44,7 +44,7 @@ from pydicom.uid import (
 from client.adapted_model import MODALITY_TERM, PREDICT_BATCH, AdaptedModel, load_adapted_model
 from shared.atomic import atomic_write
 from shared.data.dicom import DicomReadError, read_dicom
-from shared.data.hospital_folder import SkippedFile
+from shared.data.manifest import SkippedFile
 from shared.errors import UserError
 
 # Label Map Segmentation Storage (PS3.4 B.5): newer than the UID table of pydicom 3.0, which has no name for it.

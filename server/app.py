@@ -8,7 +8,6 @@ and raises :class:`server.outcome.RunFailed`.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -19,18 +18,22 @@ from safetensors.torch import save
 
 from server.capture import ReplyCapture
 from server.checkpoint import ServerState, load_latest
-from server.outcome import RunFailed, RunOutcome, rounds_trained, write_outcome
-from server.report import read_metrics, write_report
+from server.outcome import RunFailed, RunOutcome, write_outcome
+from server.report import write_report
+from server.round_log import drop_rounds_after, read_round_log, rounds_trained
 from server.site_dp import SiteLevelDP
 from server.strategy import MetaGradientStrategy, NoHospitalCanTrain
 from shared.atomic import atomic_write, atomic_write_json
 from shared.config import FedMetaConfig
 from shared.errors import UserError
+from shared.flower_processes import quiet_app_output
 from shared.learning.maml import MetaLearner
 from shared.learning.models import build_model
+from shared.run_folder import HELDOUT_COMPARISON, META_MODEL, METRICS
 
 log = logging.getLogger(__name__)
 app = ServerApp()
+quiet_app_output()
 
 PRIVACY_UNIT = (
     "Record-level DP per hospital: one scan (or one patient when the hospital's labels name patients) under "
@@ -74,14 +77,6 @@ def resume_state(cfg: FedMetaConfig, run_dir: Path) -> ServerState:
     return state
 
 
-def drop_rounds_after(run_dir: Path, completed: int) -> None:
-    """A kill between a metrics line and its checkpoint leaves lines the resumed run will redo."""
-    path = run_dir / "metrics.jsonl"
-    if path.exists():
-        kept = "".join(json.dumps(r) + "\n" for r in read_metrics(run_dir) if r["round"] <= completed)
-        atomic_write(path, lambda f: f.write(kept.encode()))
-
-
 def run_federation(grid: Grid, cfg: FedMetaConfig) -> Path:
     run_dir = Path(cfg.server.out_dir).expanduser().resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -114,17 +109,17 @@ def run_federation(grid: Grid, cfg: FedMetaConfig) -> Path:
             )
         except NoHospitalCanTrain as err:
             stopped = str(err)
-    trained = rounds_trained(read_metrics(run_dir))
+    trained = rounds_trained(read_round_log(run_dir))
     if stopped is None and trained == 0:
         stopped = strategy.cannot_train(grid) or (
             f"no round trained the meta-model: every round had fewer than server.min-train-nodes="
-            f"{cfg.server.min_train_nodes} usable replies (each reply's reason is in metrics.jsonl)"
+            f"{cfg.server.min_train_nodes} usable replies (each reply's reason is in {METRICS})"
         )
     if trained > 0:  # an untrained initialisation is no result
         final = {n: p.detach().contiguous() for n, p in strategy.params.items()}
-        atomic_write(run_dir / "meta-model.safetensors", lambda f: f.write(save(final)))
+        atomic_write(run_dir / META_MODEL, lambda f: f.write(save(final)))
         if heldout is not None and stopped is None:
-            atomic_write_json(run_dir / "heldout-comparison.json", heldout.compare_with_scratch(final))
+            atomic_write_json(run_dir / HELDOUT_COMPARISON, heldout.compare_with_scratch(final))
     outcome = RunOutcome(
         "failed" if stopped else "completed", stopped or "", rounds=cfg.server.rounds, rounds_trained=trained
     )

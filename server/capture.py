@@ -15,8 +15,7 @@ from typing import Any
 from flwr.app import Message, MessageType, MetricRecord
 
 from server.strategy import Accepted, MetaGradientStrategy
-
-CAPTURE_FILE = "replies.jsonl"
+from shared.run_folder import REPLIES
 
 
 def reply_shape(reply: Message) -> dict[str, Any]:
@@ -37,9 +36,9 @@ def reply_shape(reply: Message) -> dict[str, Any]:
 
 class ReplyCapture(MetaGradientStrategy):
     def _capture(self, message_type: str, replies: list[Message]) -> None:
-        with open(self.run_dir / CAPTURE_FILE, "a") as f:
+        with open(self.run_dir / REPLIES, "a") as f:
             for node, reply, _ in self._by_sender(replies):
-                line = {"round": self.record["round"], "type": message_type, "hospital": self.label(node)}
+                line = {"round": self.record.round, "type": message_type, "hospital": self.label(node)}
                 f.write(json.dumps(line | reply_shape(reply)) + "\n")
 
     def accept_replies(self, replies: Iterable[Message]) -> list[Accepted]:

@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from shared.atomic import TEMP_PREFIX, atomic_write
 from shared.errors import UserError
 from shared.learning.maml import Params
+from shared.run_folder import CHECKPOINTS
 
 KEEP_ROUNDS = 2
 
@@ -51,7 +52,7 @@ class ServerState:
 
 
 def save(run_dir: Path, state: ServerState) -> Path:
-    root = run_dir / "checkpoint"
+    root = run_dir / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"round-{state.round:04d}"
     staging = root / f"{TEMP_PREFIX}{final.name}-{secrets.token_hex(4)}"
@@ -94,7 +95,7 @@ def by_node(keyed: dict[str, Any]) -> dict[int, Any]:
 
 def load_latest(run_dir: Path) -> ServerState | None:
     """The newest complete round in ``run_dir``, or ``None`` for a fresh run."""
-    pointer = run_dir / "checkpoint" / "latest"
+    pointer = run_dir / CHECKPOINTS / "latest"
     if not pointer.exists():
         return None
     folder = pointer.parent / pointer.read_text().strip()

@@ -49,6 +49,10 @@ from shared.flower_processes import (
 
 CONTROL_HOST = "127.0.0.1"  # the Control and Runtime APIs listen on loopback only
 LOG_LINE = re.compile(r"^\d\d/\d\d/\d{4} [\d:]+:(WARNING|ERROR):(.*)$")  # the ServerApp's Python logging
+FLOWER_LOG_LINE = re.compile(r"^(WARNING|ERROR) :\s+(.*)$")  # Flower's own, in the ServerApp's process
+# Flower's lines that this command says better or that do not apply: fedmeta evaluates on held-out hospitals
+# itself, and a failed run's reason is this command's error
+NOT_WORTH_SHOWING = ("Exit Code", "fraction_evaluate is set to 0.0", "ServerApp raised an exception")
 RUN_STARTED = re.compile(r"Successfully started run (\d+)")
 EXCEPTION = re.compile(r"^(?:\w+\.)*(\w+(?:Error|Exception)): (.+)$")  # the last line of a traceback
 POLL_S = 2.0
@@ -244,7 +248,9 @@ class RunOutput:
                 print(line, flush=True)
         elif raised := EXCEPTION.match(line):
             self.failure = f"{raised.group(1)}: {raised.group(2)}"
-        elif (logged := LOG_LINE.match(line)) and "Exit Code" not in line:
+        elif (logged := LOG_LINE.match(line) or FLOWER_LOG_LINE.match(line)) and not any(
+            known in line for known in NOT_WORTH_SHOWING
+        ):
             level, message = logged.groups()
             say(f"{level.lower()}: {message.strip()}")
 

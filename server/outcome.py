@@ -14,8 +14,8 @@ from typing import Literal
 
 from shared.atomic import atomic_write_json
 from shared.errors import UserError
+from shared.run_folder import STATUS
 
-STATUS_FILE = "run-status.json"
 State = Literal["running", "completed", "failed"]
 
 
@@ -32,20 +32,15 @@ class RunOutcome:
 
 
 def write_outcome(run_dir: Path, outcome: RunOutcome) -> None:
-    atomic_write_json(run_dir / STATUS_FILE, asdict(outcome))
+    atomic_write_json(run_dir / STATUS, asdict(outcome))
 
 
 def read_outcome(run_dir: Path) -> RunOutcome | None:
     """The run's outcome, or None when the ServerApp never wrote one (it did not start, or is an older one)."""
-    path = run_dir / STATUS_FILE
+    path = run_dir / STATUS
     try:
         return RunOutcome(**json.loads(path.read_text()))
     except FileNotFoundError:
         return None
     except (ValueError, TypeError) as err:
         raise UserError(f"{path} is unreadable ({type(err).__name__}); see the run's log") from None
-
-
-def rounds_trained(records: list[dict]) -> int:
-    """Rounds in which at least one hospital's gradient stepped the meta-model."""
-    return sum(1 for r in records if isinstance(r.get("train"), dict) and (r.get("participants") or 0) > 0)

@@ -1,18 +1,16 @@
-"""Run outputs: plots, model card and terminal summary, all derived from ``RUN_DIR/metrics.jsonl``.
+"""Run outputs: plots, model card and terminal summary, all derived from the run's round records
+(``RUN_DIR/metrics.jsonl``, read by :func:`server.round_log.read_round_log`).
 
-The strategy appends one JSON object per completed round. Every key except ``round`` is optional,
-so every reader here treats a missing or non-numeric value as "no data" rather than an error.
-A hospital that released without DP has ``"dp": {hospital: false}`` and a null epsilon (JSON has no
-infinity): it is shown as "no DP" (epsilon infinite), never as a number. Hospitals are named as the
-records name them (their public names). Plots carry reference lines from the run's config and
-``heldout-comparison.json``: chance, a model trained from scratch, the run's privacy target.
+A hospital that released without DP (its record's ``dp`` false, its epsilon None) is shown as "no DP"
+(epsilon infinite), never as a number. Hospitals are named as the records name them (their public names).
+Plots carry reference lines from the run's config and ``heldout-comparison.json``: chance, a model trained
+from scratch, the run's privacy target.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import logging
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -21,17 +19,20 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from server.outcome import RunOutcome, rounds_trained
+from server.outcome import RunOutcome
+from server.round_log import HEADLINE_METRIC, Metrics, RoundRecord, Worst, mean_metrics, read_round_log, rounds_trained
 from shared.atomic import atomic_write, atomic_write_json
+from shared.run_folder import (
+    EPSILON_PLOT,
+    FEW_SHOT_PLOT,
+    HELDOUT_COMPARISON,
+    META_MODEL,
+    METRICS,
+    MODEL_CARD_JSON,
+    MODEL_CARD_MD,
+    TRAIN_LOSS_PLOT,
+)
 
-log = logging.getLogger(__name__)
-
-METRICS_FILE = "metrics.jsonl"
-WEIGHTS_FILE = "meta-model.safetensors"
-MODEL_CARD_FILE = "MODEL_CARD.md"
-MODEL_CARD_JSON = "model-card.json"
-COMPARISON_FILE = "heldout-comparison.json"
-HEADLINE_METRIC = "balanced-accuracy"
 # Above this many hospitals the epsilon plot draws them unlabelled: a legend of hundreds helps nobody.
 LABELLED_HOSPITALS = 8
 NO_DP = "no DP"
@@ -47,97 +48,62 @@ Series = tuple[str, list[tuple[int, float]], dict[str, Any]]
 Reference = tuple[str, float, dict[str, Any]]
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    """Round records sorted by round; the last record written for a round wins (a resumed run re-runs rounds).
-
-    Lines that are not a JSON object with a ``round`` are skipped: a torn last line is what a killed
-    writer leaves behind, and is skipped silently; anywhere else it is logged.
-    """
-    path = run_dir / METRICS_FILE
-    if not path.exists():
-        return []
-    lines = path.read_text(errors="replace").splitlines()
-    by_round: dict[int, dict] = {}
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            record["round"] = int(record["round"])
-        except (ValueError, TypeError, KeyError, OverflowError):
-            if number < len(lines):
-                log.warning("%s line %d is not a round record; skipped", path, number)
-            continue
-        by_round[record["round"]] = record
-    return [by_round[r] for r in sorted(by_round)]
-
-
 def _number(value: Any) -> float | None:
+    """A number from the run's flat config or ``heldout-comparison.json``, or None."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
     return float(value)
 
 
-def _dict(record: dict, key: str) -> dict:
-    value = record.get(key)
-    return value if isinstance(value, dict) else {}
+def _headline(metrics: Metrics) -> float | None:
+    return metrics.get(HEADLINE_METRIC)
 
 
-def _metric(record: dict, key: str, metric: str) -> float | None:
-    return _number(_dict(record, key).get(metric))
+def _worst(worst: Worst | None) -> float | None:
+    return None if worst is None else worst.balanced_accuracy
 
 
-def _mean_metrics(per_hospital: dict) -> dict[str, float]:
-    """Unweighted mean over hospitals of each metric, each hospital counting once."""
-    values: dict[str, list[float]] = {}
-    for metrics in per_hospital.values():
-        for name, value in (metrics if isinstance(metrics, dict) else {}).items():
-            if (number := _number(value)) is not None:
-                values.setdefault(name, []).append(number)
-    return {name: sum(v) / len(v) for name, v in values.items()}
+def _points(records: list[RoundRecord], value: Callable[[RoundRecord], float | None]) -> list[tuple[int, float]]:
+    return [(r.round, v) for r in records if (v := value(r)) is not None]
 
 
-def _training_mean(record: dict) -> float | None:
-    return _mean_metrics(_dict(record, "hospitals")).get(HEADLINE_METRIC)
-
-
-def _points(records: list[dict], value: Callable[[dict], float | None]) -> list[tuple[int, float]]:
-    return [(r["round"], v) for r in records if (v := value(r)) is not None]
-
-
-def _hospital_epsilons(records: list[dict]) -> dict[str, list[tuple[int, float]]]:
+def _hospital_epsilons(records: list[RoundRecord]) -> dict[str, list[tuple[int, float]]]:
     out: dict[str, list[tuple[int, float]]] = {}
     for record in records:
-        without = _without_dp(record)
-        for hospital, value in _dict(record, "epsilon").items():
-            if str(hospital) not in without and (number := _number(value)) is not None:
-                out.setdefault(str(hospital), []).append((record["round"], number))
+        without = record.without_dp
+        for hospital, value in record.epsilon.items():
+            if hospital not in without and value is not None:
+                out.setdefault(hospital, []).append((record.round, value))
     return out
 
 
-def _without_dp(record: dict) -> set[str]:
-    """The hospitals the record says released without DP (epsilon infinite)."""
-    return {str(hospital) for hospital, dp in _dict(record, "dp").items() if dp is False}
+def _epsilon_max_cell(record: RoundRecord) -> str:
+    return NO_DP if record.without_dp else _cell(record.epsilon_max, ".2f")
 
 
-def _epsilon_max_cell(record: dict) -> str:
-    return NO_DP if _without_dp(record) else _cell(record.get("epsilon_max"), ".2f")
-
-
-def _few_shot_series(records: list[dict]) -> list[Series]:
-    def summary(key: str) -> Callable[[dict], float | None]:
-        return lambda r: _metric(r, key, HEADLINE_METRIC)
-
+def _few_shot_series(records: list[RoundRecord]) -> list[Series]:
     return [
-        ("training hospitals, mean", _points(records, _training_mean), {"color": "tab:blue"}),
-        ("training hospitals, worst", _points(records, summary("worst_hospital")), {"color": "tab:blue", "ls": "--"}),
-        ("held-out hospitals, mean", _points(records, summary("heldout_mean")), {"color": "tab:orange"}),
-        ("held-out hospitals, worst", _points(records, summary("heldout_worst")), {"color": "tab:orange", "ls": "--"}),
+        (
+            "training hospitals, mean",
+            _points(records, lambda r: _headline(mean_metrics(r.hospitals))),
+            {"color": "tab:blue"},
+        ),
+        (
+            "training hospitals, worst",
+            _points(records, lambda r: _worst(r.worst_hospital)),
+            {"color": "tab:blue", "ls": "--"},
+        ),
+        ("held-out hospitals, mean", _points(records, lambda r: _headline(r.heldout_mean)), {"color": "tab:orange"}),
+        (
+            "held-out hospitals, worst",
+            _points(records, lambda r: _worst(r.heldout_worst)),
+            {"color": "tab:orange", "ls": "--"},
+        ),
     ]
 
 
-def _epsilon_series(records: list[dict]) -> list[Series]:
-    without = [(r["round"], len(w)) for r in records if (w := _without_dp(r))]
+def _epsilon_series(records: list[RoundRecord]) -> list[Series]:
+    without = [(r.round, len(w)) for r in records if (w := r.without_dp)]
     hospitals = sorted(_hospital_epsilons(records).items())
     labelled = len(hospitals) <= LABELLED_HOSPITALS
     # a hospital's epsilon only moves in rounds it takes part in: steps, not slopes, between them
@@ -149,10 +115,10 @@ def _epsilon_series(records: list[dict]) -> list[Series]:
     return [
         (
             "max over hospitals",
-            _points(records, lambda r: None if _without_dp(r) else _number(r.get("epsilon_max"))),
+            _points(records, lambda r: None if r.without_dp else r.epsilon_max),
             {"color": "tab:red", "lw": 2.5},
         ),
-        ("site level", _points(records, lambda r: _number(r.get("site_epsilon"))), {"color": "k", "ls": "--", "lw": 2}),
+        ("site level", _points(records, lambda r: r.site_epsilon), {"color": "k", "ls": "--", "lw": 2}),
         *per_hospital,
         (
             f"{NO_DP} at a hospital (epsilon infinite)",
@@ -213,8 +179,8 @@ def moving_average(points: list[tuple[int, float]], window: int) -> list[tuple[i
     return averaged
 
 
-def _loss_series(records: list[dict]) -> list[Series]:
-    raw = _points(records, lambda r: _metric(r, "train", "query-loss"))
+def _loss_series(records: list[RoundRecord]) -> list[Series]:
+    raw = _points(records, lambda r: r.query_loss)
     if len(raw) < SMOOTHED_FROM:
         return [("query loss", raw, {})]
     window = min(SMOOTHING_ROUNDS, max(3, len(raw) // 5))
@@ -231,13 +197,15 @@ def _loss_series(records: list[dict]) -> list[Series]:
 def _scratch_score(run_dir: Path) -> float | None:
     """Mean held-out balanced accuracy of a model trained from scratch on the same shots, if the run measured it."""
     try:
-        comparison = json.loads((run_dir / COMPARISON_FILE).read_text())
+        comparison = json.loads((run_dir / HELDOUT_COMPARISON).read_text())
     except (OSError, ValueError):
         return None
     scores = [
         v
         for h in (comparison.values() if isinstance(comparison, dict) else [])
-        if isinstance(h, dict) and (v := _metric(h, "scratch", HEADLINE_METRIC)) is not None
+        if isinstance(h, dict)
+        and isinstance(scratch := h.get("scratch"), dict)
+        and (v := _number(scratch.get(HEADLINE_METRIC))) is not None
     ]
     return sum(scores) / len(scores) if scores else None
 
@@ -260,21 +228,21 @@ def epsilon_references(config: dict) -> list[Reference]:
 
 
 def write_plots(run_dir: Path, config: dict | None = None) -> list[Path]:
-    """Write few-shot.png, train-loss.png and epsilon.png; a plot with no data is not written.
+    """Write the few-shot, train-loss and epsilon plots; a plot with no data is not written.
 
     ``config`` (the run's flat settings) gives the reference lines: chance from model.n-way, the privacy target."""
-    records = read_metrics(run_dir)
+    records = read_round_log(run_dir)
     config = config or {}
     plots = {
-        "few-shot.png": _png(
+        FEW_SHOT_PLOT: _png(
             _few_shot_series(records),
             "Few-shot balanced accuracy",
             "balanced accuracy",
             (0, 1),
             few_shot_references(run_dir, config),
         ),
-        "train-loss.png": _png(_loss_series(records), "Meta-training query loss", "query loss", (None, None)),
-        "epsilon.png": _png(
+        TRAIN_LOSS_PLOT: _png(_loss_series(records), "Meta-training query loss", "query loss", (None, None)),
+        EPSILON_PLOT: _png(
             _epsilon_series(records), "Privacy spent (cumulative)", "epsilon", (0, None), epsilon_references(config)
         ),
     }
@@ -286,17 +254,17 @@ def write_plots(run_dir: Path, config: dict | None = None) -> list[Path]:
     return written
 
 
-def _epsilon_summary(records: list[dict]) -> dict[str, Any]:
+def _epsilon_summary(records: list[RoundRecord]) -> dict[str, Any]:
     """Largest cumulative epsilon each hospital reported (privacy loss never goes down), the max, site level.
 
     A hospital that released without DP in any round has epsilon null (infinite) and is listed in
     ``without_dp``; then the max is null too."""
-    without = sorted(set().union(*(_without_dp(r) for r in records)))
+    without = sorted({hospital for r in records for hospital in r.without_dp})
     epsilons = _hospital_epsilons(records)
     per_hospital = {h: None if h in without else max(v for _, v in epsilons[h]) for h in sorted({*epsilons, *without})}
     maxima = [v for v in per_hospital.values() if v is not None]
-    maxima += [v for r in records if not _without_dp(r) and (v := _number(r.get("epsilon_max"))) is not None]
-    site = _points(records, lambda r: _number(r.get("site_epsilon")))
+    maxima += [r.epsilon_max for r in records if not r.without_dp and r.epsilon_max is not None]
+    site = _points(records, lambda r: r.site_epsilon)
     return {
         "per_hospital": per_hospital,
         "without_dp": without,
@@ -319,12 +287,7 @@ def _max_epsilon_line(epsilon: dict[str, Any]) -> str:
     return f"- max epsilon over hospitals: {NO_DP}, infinite ({counted}{others})"
 
 
-def _labels(record: dict, key: str) -> list[str]:
-    value = record.get(key)
-    return [str(v) for v in value] if isinstance(value, list) else []
-
-
-def _hospital_summary(records: list[dict], epsilon: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def _hospital_summary(records: list[RoundRecord], epsilon: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Per training hospital, from the round records only: rounds its gradient was used in, gradients it
     released to the run, its largest epsilon, whether it ran DP, and its refusal if it refused."""
     hospitals: dict[str, dict[str, Any]] = {}
@@ -333,16 +296,14 @@ def _hospital_summary(records: list[dict], epsilon: dict[str, Any]) -> dict[str,
         return hospitals.setdefault(name, {"rounds_trained": 0, "releases": 0, "epsilon": None, "dp": None})
 
     for record in records:
-        for name in _labels(record, "trained"):
+        for name in record.trained:
             entry(name)["rounds_trained"] += 1
-        for name in _labels(record, "released"):
+        for name in record.released:
             entry(name)["releases"] += 1
-        for name, dp in _dict(record, "dp").items():
-            if isinstance(dp, bool):
-                entry(str(name))["dp"] = dp and entry(str(name))["dp"] is not False
-        for refusal in record.get("refused") if isinstance(record.get("refused"), list) else []:
-            if isinstance(refusal, dict) and "hospital" in refusal:
-                entry(str(refusal["hospital"]))["refused"] = f"{refusal.get('kind', '?')}: {refusal.get('reason', '')}"
+        for name, dp in record.dp.items():
+            entry(name)["dp"] = dp and entry(name)["dp"] is not False
+        for refusal in record.refused:
+            entry(refusal.hospital)["refused"] = f"{refusal.kind}: {refusal.reason}"
     for name, value in epsilon["per_hospital"].items():
         entry(name)["epsilon"] = value
     return dict(sorted(hospitals.items()))
@@ -351,12 +312,12 @@ def _hospital_summary(records: list[dict], epsilon: dict[str, Any]) -> dict[str,
 def _model_card(
     run_dir: Path, config: dict, data_summary: dict, final_metrics: dict, outcome: RunOutcome | None
 ) -> dict[str, Any]:
-    records = read_metrics(run_dir)
+    records = read_round_log(run_dir)
     epsilon = _epsilon_summary(records)
-    heldout = sorted({str(h) for r in records for h in _dict(r, "heldout")})
+    heldout = sorted({h for r in records for h in r.heldout})
     card = {
-        "weights": [WEIGHTS_FILE] if (run_dir / WEIGHTS_FILE).exists() else [],
-        "rounds": records[-1]["round"] if records else 0,
+        "weights": [META_MODEL] if (run_dir / META_MODEL).exists() else [],
+        "rounds": records[-1].round if records else 0,
         "config": dict(config),
         "data": {
             **{k: v for k, v in data_summary.items() if k != "privacy_unit"},
@@ -482,21 +443,20 @@ def _markdown(card: dict[str, Any]) -> str:
 def write_model_card(
     run_dir: Path, config: dict, data_summary: dict, final_metrics: dict, outcome: RunOutcome | None = None
 ) -> Path:
-    """Write MODEL_CARD.md and model-card.json (same content) from what is given plus what the round records
+    """Write the model card as Markdown and as JSON (same content) from what is given plus what the round records
     say per hospital (participation, epsilon, DP, refusals).
 
     Nothing is read from the data: the caller decides what else the card says about it (counts only, no PHI).
     """
     card = _model_card(run_dir, config, data_summary, final_metrics, outcome)
-    path = run_dir / MODEL_CARD_FILE
+    path = run_dir / MODEL_CARD_MD
     _write_bytes(path, _markdown(card).encode())
     atomic_write_json(run_dir / MODEL_CARD_JSON, card)
     return path
 
 
-def _cell(value: Any, spec: str) -> str:
-    number = _number(value)
-    return "-" if number is None else format(number, spec)
+def _cell(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def _table(headers: list[str], rows: Iterable[list[str]]) -> list[str]:
@@ -511,39 +471,38 @@ def _table(headers: list[str], rows: Iterable[list[str]]) -> list[str]:
     return [line(headers), line(["-" * w for w in widths]), *(line(row) for row in body)]
 
 
-ROUND_COLUMNS: list[tuple[str, Callable[[dict], str]]] = [
-    ("round", lambda r: str(r["round"])),
-    ("participants", lambda r: _cell(r.get("participants"), ".0f")),
-    ("rejected", lambda r: str(len(r["rejected"])) if isinstance(r.get("rejected"), list) else "-"),
-    ("train loss", lambda r: _cell(_metric(r, "train", "query-loss"), ".4f")),
-    ("held-out bal-acc mean", lambda r: _cell(_metric(r, "heldout_mean", HEADLINE_METRIC), ".3f")),
-    ("worst", lambda r: _cell(_metric(r, "heldout_worst", HEADLINE_METRIC), ".3f")),
+ROUND_COLUMNS: list[tuple[str, Callable[[RoundRecord], str]]] = [
+    ("round", lambda r: str(r.round)),
+    ("participants", lambda r: str(r.participants)),
+    ("rejected", lambda r: str(len(r.rejected))),
+    ("train loss", lambda r: _cell(r.query_loss, ".4f")),
+    ("held-out bal-acc mean", lambda r: _cell(_headline(r.heldout_mean), ".3f")),
+    ("worst", lambda r: _cell(_worst(r.heldout_worst), ".3f")),
     ("epsilon max", _epsilon_max_cell),
-    ("seconds", lambda r: _cell(r.get("seconds"), ".1f")),
+    ("seconds", lambda r: f"{r.seconds:.1f}"),
 ]
 
 
 def summary_table(run_dir: Path) -> str:
     """One fixed-width row per round, then the last round's per-held-out-hospital metrics."""
-    records = read_metrics(run_dir)
+    records = read_round_log(run_dir)
     if not records:
-        return f"no completed rounds in {run_dir / METRICS_FILE}"
+        return f"no completed rounds in {run_dir / METRICS}"
     lines = _table([h for h, _ in ROUND_COLUMNS], ([cell(r) for _, cell in ROUND_COLUMNS] for r in records))
     last = records[-1]
-    heldout = {h: m for h, m in _dict(last, "heldout").items() if isinstance(m, dict)}
     lines.append("")
-    if not heldout:
-        return "\n".join([*lines, f"round {last['round']}: no held-out hospitals evaluated"])
-    metrics = list(dict.fromkeys(name for m in heldout.values() for name in m))
-    rows = ([hospital, *(_cell(m.get(name), ".3f") for name in metrics)] for hospital, m in sorted(heldout.items()))
-    return "\n".join([*lines, f"held-out hospitals, round {last['round']}:", *_table(["hospital", *metrics], rows)])
+    if not last.heldout:
+        return "\n".join([*lines, f"round {last.round}: no held-out hospitals evaluated"])
+    metrics = list(dict.fromkeys(name for m in last.heldout.values() for name in m))
+    heldout = sorted(last.heldout.items())
+    rows = ([hospital, *(_cell(m.get(name), ".3f") for name in metrics)] for hospital, m in heldout)
+    return "\n".join([*lines, f"held-out hospitals, round {last.round}:", *_table(["hospital", *metrics], rows)])
 
 
 def write_report(run_dir: Path, config: dict, data_summary: dict, outcome: RunOutcome | None = None) -> str:
     """Plots and model card into ``run_dir``; returns the summary table for the terminal."""
-    records = read_metrics(run_dir)
-    last = records[-1] if records else {}
-    final_metrics = _dict(last, "heldout_mean") or _mean_metrics(_dict(last, "hospitals"))
+    records = read_round_log(run_dir)
+    final_metrics = (records[-1].heldout_mean or mean_metrics(records[-1].hospitals)) if records else {}
     write_plots(run_dir, config)
     write_model_card(run_dir, config, data_summary, final_metrics, outcome)
     return summary_table(run_dir)

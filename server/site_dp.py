@@ -93,7 +93,7 @@ class SiteLevelDP(Strategy):
         coins = SystemRandom()
         chosen = [node for node in eligible if coins.random() < self.sample_rate]
         self.expected_hospitals = self.sample_rate * len(eligible)
-        self.strategy.record["site_epsilon"] = self.spent
+        self.strategy.record.site_epsilon = self.spent
         return self.strategy.train_messages(chosen, arrays)
 
     def aggregate_train(
@@ -105,14 +105,14 @@ class SiteLevelDP(Strategy):
         if len(accepted) < self.strategy.cfg.server.min_train_nodes:
             log.warning(
                 "round %d: %d usable replies < server.min-train-nodes: the site-level DP release goes ahead",
-                self.strategy.record["round"],
+                self.strategy.record.round,
                 len(accepted),
             )
         private = self.private_mean(accepted)
         self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
         self.strategy.site_accountant = [list(step) for step in self.accountant.history]
         self.spent = self.epsilon()
-        self.strategy.record["site_epsilon"] = self.spent
+        self.strategy.record.site_epsilon = self.spent
         return self.strategy.apply_outer_grad(private, accepted)
 
     def private_mean(self, accepted: list[Accepted]) -> Params:

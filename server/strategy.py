@@ -21,10 +21,8 @@ name as ``NAME (node ID)``.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
-import os
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -39,8 +37,21 @@ from flwr.serverapp.strategy import FedAvg
 
 from server.checkpoint import ServerState, save
 from server.outcome import RunFailed
+from server.round_log import (
+    HEADLINE_METRIC,
+    Metrics,
+    Refusal,
+    Rejection,
+    RoundRecord,
+    TrainStep,
+    Worst,
+    append_round,
+    as_json,
+    mean_metrics,
+)
 from shared.config import FedMetaConfig
 from shared.learning.maml import Params
+from shared.run_folder import METRICS
 from shared.wire import (
     CONFIG_KEY,
     EVALUATE_METRICS,
@@ -60,8 +71,7 @@ from shared.wire import (
 )
 
 log = logging.getLogger(__name__)
-HeldoutEvaluation = Callable[[Params], dict[str, dict[str, float]]]
-PRIMARY_METRIC = "balanced-accuracy"
+HeldoutEvaluation = Callable[[Params], dict[str, Metrics]]
 # A usable train reply: its gradient arrays and its metrics.
 Accepted = tuple[dict[str, np.ndarray], dict[str, float]]
 # Error codes by which a hospital says no for the rest of the run, and what the round record calls them.
@@ -113,17 +123,12 @@ def first_line(text: str | None, limit: int = 200) -> str:
     return (lines[0] if lines else "")[:limit]
 
 
-def mean_metrics(per_hospital: dict[str, dict[str, float]]) -> dict[str, float]:
-    keys = sorted({k for m in per_hospital.values() for k in m})
-    return {k: float(np.mean([m[k] for m in per_hospital.values() if k in m])) for k in keys}
-
-
-def worst_hospital(per_hospital: dict[str, dict[str, float]]) -> dict[str, Any] | None:
-    scored = [(m[PRIMARY_METRIC], h) for h, m in per_hospital.items() if PRIMARY_METRIC in m]
+def worst_hospital(per_hospital: dict[str, Metrics]) -> Worst | None:
+    scored = [(m[HEADLINE_METRIC], h) for h, m in per_hospital.items() if HEADLINE_METRIC in m]
     if not scored:
         return None
     value, hospital = min(scored)
-    return {"hospital": hospital, PRIMARY_METRIC: value}
+    return Worst(hospital, value)
 
 
 class MetaGradientStrategy(FedAvg):
@@ -175,7 +180,7 @@ class MetaGradientStrategy(FedAvg):
             False: cfg.episode.meta_batch * server.local_steps,
             True: cfg.privacy.groups_per_step * server.local_steps,
         }
-        self.record: dict[str, Any] = {}
+        self.record = RoundRecord(state.round)
         self._sent: list[Message] = []
         self._round_started = 0.0
 
@@ -242,7 +247,7 @@ class MetaGradientStrategy(FedAvg):
         unnamed = [n for n in nodes if n not in self.names]
         if not unnamed:
             return
-        query = RecordDict({CONFIG_KEY: ConfigRecord({"server-round": self.record["round"]})})
+        query = RecordDict({CONFIG_KEY: ConfigRecord({"server-round": self.record.round})})
         ttl = self.cfg.server.round_timeout_s
         messages = [Message(query, dst_node_id=n, message_type=MessageType.QUERY, ttl=ttl) for n in unnamed]
         for reply in grid.send_and_receive(messages, timeout=ttl):
@@ -264,7 +269,7 @@ class MetaGradientStrategy(FedAvg):
             kinds.add(kind)
             lines.append(f"  {self.label(node)} refused ({kind}): {reason}")
         if len(nodes) > LISTED_HOSPITALS:
-            lines.append(f"  ... and {len(nodes) - LISTED_HOSPITALS} more (their reasons are in metrics.jsonl)")
+            lines.append(f"  ... and {len(nodes) - LISTED_HOSPITALS} more (their reasons are in {METRICS})")
         kinds |= {self.excluded[node].partition(": ")[0] for node in nodes[LISTED_HOSPITALS:]}
         hints = [REFUSAL_HINTS[kind] for kind in sorted(kinds) if kind in REFUSAL_HINTS]
         return "\n".join(["no hospital can train:", *lines, *hints])
@@ -293,15 +298,15 @@ class MetaGradientStrategy(FedAvg):
     def begin_train_round(self, server_round: int, grid: Grid) -> list[int]:
         """Start the round's record; returns the hospitals that may be sampled (connected, not refused)."""
         self._round_started = time.monotonic()
-        self.record = {"round": server_round + self.round_offset}
+        self.record = RoundRecord(server_round + self.round_offset)
         eligible = self._eligible_nodes(grid)
-        self.record["eligible"] = len(eligible)
+        self.record.eligible = len(eligible)
         return eligible
 
     def train_messages(self, chosen: list[int], arrays: ArrayRecord) -> list[Message]:
-        self._sent = self._messages(chosen, arrays, MessageType.TRAIN, self.record["round"])
-        self.record["sampled"] = len(chosen)
-        self.record["bytes_down"] = len(chosen) * sum(p.numel() * 4 for p in self.params.values())
+        self._sent = self._messages(chosen, arrays, MessageType.TRAIN, self.record.round)
+        self.record.sampled = len(chosen)
+        self.record.bytes_down = len(chosen) * sum(p.numel() * 4 for p in self.params.values())
         return self._sent
 
     def configure_train(
@@ -390,28 +395,30 @@ class MetaGradientStrategy(FedAvg):
         A hospital that refuses (budget spent, or the run asks what its policy does not allow) is not
         sampled again this run."""
         accepted: list[Accepted] = []
-        rejected, refused, trained, released = [], [], [], []
+        rejected: list[Rejection] = []
+        refused: list[Refusal] = []
+        trained, released = [], []
         answered = set()
         for node, reply, misfit in self._by_sender(replies):
             answered.add(node)
             hospital = self.label(node)
             if misfit is not None:
-                rejected.append({"hospital": hospital, "reason": misfit})
+                rejected.append(Rejection(hospital, misfit))
                 continue
             if reply.has_error():
                 reason = error_reason(reply)
                 kind = REFUSAL_KINDS.get(reply.error.code)
                 if kind is None:
-                    rejected.append({"hospital": hospital, "reason": f"error {reply.error.code}: {reason}"})
+                    rejected.append(Rejection(hospital, f"error {reply.error.code}: {reason}"))
                 else:
-                    refused.append({"hospital": hospital, "kind": kind, "reason": reason})
+                    refused.append(Refusal(hospital, kind, reason))
                     self.excluded[node] = f"{kind}: {reason}"
                 continue
             released.append(hospital)
             try:
                 grads, metrics = self._validated_gradient(reply, hospital)
             except WireError as err:
-                rejected.append({"hospital": hospital, "reason": str(err)})
+                rejected.append(Rejection(hospital, str(err)))
                 continue
             accepted.append((grads, metrics))
             trained.append(hospital)
@@ -419,21 +426,21 @@ class MetaGradientStrategy(FedAvg):
         for message in self._sent:
             node = int(message.metadata.dst_node_id)
             if node not in answered:
-                rejected.append({"hospital": self.label(node), "reason": "no reply within server.round-timeout-s"})
-        round_ = self.record["round"]
-        for entry in rejected:
-            log.warning("round %d: %s not used: %s", round_, entry["hospital"], entry["reason"])
-        for entry in refused:
+                rejected.append(Rejection(self.label(node), "no reply within server.round-timeout-s"))
+        record = self.record
+        for rejection in rejected:
+            log.warning("round %d: %s not used: %s", record.round, rejection.hospital, rejection.reason)
+        for refusal in refused:
             log.warning(
                 "round %d: %s refused (%s), not asked again this run: %s",
-                round_,
-                entry["hospital"],
-                entry["kind"],
-                entry["reason"],
+                record.round,
+                refusal.hospital,
+                refusal.kind,
+                refusal.reason,
             )
-        self.record.update(participants=len(accepted), rejected=rejected, refused=refused)
-        self.record.update(trained=sorted(trained), released=sorted(released))
-        self.record["bytes_up"] = sum(sum(g.nbytes for g in grads.values()) for grads, _ in accepted)
+        record.participants, record.rejected, record.refused = len(accepted), rejected, refused
+        record.trained, record.released = sorted(trained), sorted(released)
+        record.bytes_up = sum(sum(g.nbytes for g in grads.values()) for grads, _ in accepted)
         # Float sums depend on their order: sum replies in an order fixed by their content, not by arrival or by
         # the node ids Flower's simulation draws at random each run, so a seeded run repeats exactly.
         return sorted(accepted, key=lambda reply: content_digest(reply[0]))
@@ -445,7 +452,7 @@ class MetaGradientStrategy(FedAvg):
         if len(accepted) < self.cfg.server.min_train_nodes:
             log.warning(
                 "round %d: %d usable replies < server.min-train-nodes=%d: meta-parameters unchanged",
-                self.record["round"],
+                self.record.round,
                 len(accepted),
                 self.cfg.server.min_train_nodes,
             )
@@ -469,16 +476,18 @@ class MetaGradientStrategy(FedAvg):
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         losses = [m["query-loss"] for _, m in accepted if "query-loss" in m]  # replies without DP only
-        self.record["train"] = {
-            **({"query-loss": float(np.mean(losses))} if losses else {}),
-            "episodes": float(sum(m["episodes"] for _, m in accepted)),
-            "update-norm": float(torch.sqrt(sum(g.square().sum() for g in outer_grad.values()))),
-            "lr": float(self.scheduler.get_last_lr()[0]),
-        }
-        return ArrayRecord({n: p.detach().clone() for n, p in self.params.items()}), MetricRecord(self.record["train"])
+        self.record.train = TrainStep(
+            episodes=float(sum(m["episodes"] for _, m in accepted)),
+            update_norm=float(torch.sqrt(sum(g.square().sum() for g in outer_grad.values()))),
+            lr=float(self.scheduler.get_last_lr()[0]),
+            query_loss=float(np.mean(losses)) if losses else None,
+        )
+        arrays = ArrayRecord({n: p.detach().clone() for n, p in self.params.items()})
+        return arrays, MetricRecord(as_json(self.record.train))
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        per_hospital, refused = {}, []
+        per_hospital: dict[str, Metrics] = {}
+        refused: list[Refusal] = []
         for node, reply, misfit in self._by_sender(replies):
             hospital = self.label(node)
             if misfit is not None:
@@ -491,7 +500,7 @@ class MetaGradientStrategy(FedAvg):
                     log.warning("evaluation from %s failed: %s", hospital, reason)
                 else:
                     log.warning("%s refuses evaluation (%s), not asked again this run: %s", hospital, kind, reason)
-                    refused.append({"hospital": hospital, "kind": kind, "reason": reason})
+                    refused.append(Refusal(hospital, kind, reason))
                     self.excluded_evaluate[node] = f"{kind}: {reason}"
                 continue
             metrics = dict(reply.content.metric_records.get(METRICS_KEY) or {})
@@ -501,12 +510,11 @@ class MetaGradientStrategy(FedAvg):
                 log.warning("%s", err)
                 continue
             per_hospital[hospital] = metrics
-        if refused:
-            self.record["evaluation_refused"] = refused
+        self.record.evaluation_refused = refused
         if not per_hospital:
             return None
-        self.record["hospitals"] = per_hospital
-        self.record["worst_hospital"] = worst_hospital(per_hospital)
+        self.record.hospitals = per_hospital
+        self.record.worst_hospital = worst_hospital(per_hospital)
         return MetricRecord(mean_metrics(per_hospital))
 
     # -- end of round: held-out evaluation, metrics line, checkpoint -------------------------
@@ -515,30 +523,25 @@ class MetaGradientStrategy(FedAvg):
         """Flower's ``evaluate_fn``: called after every round (and once before the first, skipped)."""
         if server_round == 0:
             return None
-        if self.heldout is not None and self.evaluates(self.record["round"]):
+        record = self.record
+        if self.heldout is not None and self.evaluates(record.round):
             # held-out folders (FEDERATION/heldout/hospital-NNN) share names with training hospitals: keep them apart
             evaluated = self.heldout({n: p.detach() for n, p in self.params.items()})
-            heldout = {f"heldout/{name}": metrics for name, metrics in evaluated.items()}
-            self.record["heldout"] = heldout
-            self.record["heldout_mean"] = mean_metrics(heldout)
-            self.record["heldout_worst"] = worst_hospital(heldout)
-        self.record.update(privacy_fields({self.label(node): p for node, p in self.privacy.items()}))
-        self.record.setdefault("site_epsilon", None)
-        self.record["seconds"] = time.monotonic() - self._round_started
-        self._append_metrics(self.record)
+            record.heldout = {f"heldout/{name}": metrics for name, metrics in evaluated.items()}
+            record.heldout_mean = mean_metrics(record.heldout)
+            record.heldout_worst = worst_hospital(record.heldout)
+        record.epsilon, record.dp, record.epsilon_max = privacy_fields(
+            {self.label(node): p for node, p in self.privacy.items()}
+        )
+        record.seconds = time.monotonic() - self._round_started
+        append_round(self.run_dir, record)
         save(self.run_dir, self.state())
-        print(progress_line(self.record, self.cfg.server.rounds), flush=True)
-        return MetricRecord(self.record["heldout_mean"]) if "heldout_mean" in self.record else None
-
-    def _append_metrics(self, record: dict[str, Any]) -> None:
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        print(progress_line(record, self.cfg.server.rounds), flush=True)
+        return MetricRecord(record.heldout_mean) if record.heldout_mean else None
 
     def state(self) -> ServerState:
         return ServerState(
-            round=self.record["round"],
+            round=self.record.round,
             meta_params={n: p.detach() for n, p in self.params.items()},
             optimizer=self.optimizer.state_dict(),
             scheduler=self.scheduler.state_dict(),
@@ -552,25 +555,27 @@ class MetaGradientStrategy(FedAvg):
         )
 
 
-def privacy_fields(privacy: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The round record's privacy keys. JSON has no infinity: a hospital that released without DP has
-    ``epsilon`` null and ``dp`` false, and then ``epsilon_max`` is null (unbounded)."""
+def privacy_fields(
+    privacy: dict[str, dict[str, Any]],
+) -> tuple[dict[str, float | None], dict[str, bool], float | None]:
+    """The round record's ``epsilon``, ``dp`` and ``epsilon_max``: a hospital that released without DP has
+    epsilon None and dp False, and then epsilon_max is None (unbounded)."""
     dp = {h: bool(p["dp"]) for h, p in privacy.items()}
     epsilon = {h: p["epsilon"] if dp[h] else None for h, p in privacy.items()}
     finite = [e for e in epsilon.values() if e is not None]
-    return {"epsilon": epsilon, "dp": dp, "epsilon_max": max(finite, default=0.0) if all(dp.values()) else None}
+    return epsilon, dp, max(finite, default=0.0) if all(dp.values()) else None
 
 
-def epsilon_text(record: dict[str, Any]) -> str:
+def epsilon_text(record: RoundRecord) -> str:
     """``epsilon max 2.10 (h1)``, or ``epsilon max no DP (1 of 3 hospitals without DP: h2; 2.10 at the others)``."""
-    dp = record.get("dp", {})
-    without = sorted(h for h, v in dp.items() if not v)
-    finite = {h: e for h, e in record.get("epsilon", {}).items() if e is not None}
+    without = record.without_dp
+    finite = {h: e for h, e in record.epsilon.items() if e is not None}
     if not without:
         top = max(finite, key=finite.__getitem__, default=None)
         return f"epsilon max {finite[top]:.2f} ({top})" if top is not None else "epsilon max 0.00"
     others = f"; {max(finite.values()):.2f} at the others" if finite else ""
-    return f"epsilon max no DP ({len(without)} of {len(dp)} hospitals without DP: {names_text(without)}{others})"
+    counted = f"{len(without)} of {len(record.dp)} hospitals without DP"
+    return f"epsilon max no DP ({counted}: {names_text(without)}{others})"
 
 
 def names_text(hospitals: list[str], listed: int = 5) -> str:
@@ -579,20 +584,20 @@ def names_text(hospitals: list[str], listed: int = 5) -> str:
     return ", ".join(hospitals[:listed]) + more
 
 
-def progress_line(record: dict[str, Any], rounds: int) -> str:
-    parts = [
-        f"round {record['round']}/{rounds}",
-        f"{record.get('participants', 0)}/{record.get('sampled', 0)} hospitals",
-    ]
-    for key in ("rejected", "refused"):  # by name: the operator needs to know which site
-        if entries := record.get(key):
-            parts.append(f"{len(entries)} {key} ({names_text([e['hospital'] for e in entries])})")
-    if "query-loss" in record.get("train", {}):
-        parts.append(f"query loss {record['train']['query-loss']:.3f}")
-    if "heldout_mean" in record:
-        parts.append(f"held-out balanced acc {record['heldout_mean'].get(PRIMARY_METRIC, float('nan')):.3f}")
+def progress_line(record: RoundRecord, rounds: int) -> str:
+    parts = [f"round {record.round}/{rounds}", f"{record.participants}/{record.sampled} hospitals"]
+    for what, hospitals in (
+        ("rejected", [r.hospital for r in record.rejected]),
+        ("refused", [r.hospital for r in record.refused]),
+    ):
+        if hospitals:  # by name: the operator needs to know which site
+            parts.append(f"{len(hospitals)} {what} ({names_text(hospitals)})")
+    if record.query_loss is not None:
+        parts.append(f"query loss {record.query_loss:.3f}")
+    if record.heldout_mean:
+        parts.append(f"held-out balanced acc {record.heldout_mean.get(HEADLINE_METRIC, float('nan')):.3f}")
     parts.append(epsilon_text(record))
-    if record.get("site_epsilon") is not None:
-        parts.append(f"site epsilon {record['site_epsilon']:.2f}")
-    parts.append(f"{record['seconds']:.1f}s")
+    if record.site_epsilon is not None:
+        parts.append(f"site epsilon {record.site_epsilon:.2f}")
+    parts.append(f"{record.seconds:.1f}s")
     return "fedmeta: " + ", ".join(parts)

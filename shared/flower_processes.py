@@ -4,11 +4,14 @@ Under them Flower starts more (``flower-superexec``, then ``flwr-serverapp``, ``
 ``flwr-simulation``), detached in new sessions: Ctrl-C in a terminal reaches only our process, and a
 process whose parent has exited no longer shows in the tree. So every process we start carries a marker
 in its environment, which everything under it inherits, and stopping finds the whole family by it.
+
+In the processes Flower starts for our apps, :func:`quiet_app_output` keeps their output to what matters.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import secrets
@@ -31,6 +34,17 @@ PROJECT_DIR = Path(__file__).resolve().parents[1]
 CONNECTION = "fedmeta"  # the SuperLink connection our FLWR_HOME/config.toml defines
 TREE_MARKER = "FEDMETA_PROCESS_TREE"
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def quiet_app_output() -> None:
+    """Where our ServerApp or ClientApp runs: each Flower log line once, and no Ray accelerator tip.
+
+    Opacus calls ``logging.basicConfig`` when imported, so Flower's logger, which has its own console handler,
+    also reached that root handler: every line twice, and its DEBUG lines once. Our own loggers keep the root
+    handler: their warnings are what ``fedmeta server`` and ``fedmeta client`` show."""
+    logging.getLogger("flwr").propagate = False
+    # ray.init warns unless this is set; the simulation engine starts Ray in the ServerApp's process
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
 
 def free_port() -> int:

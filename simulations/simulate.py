@@ -21,10 +21,11 @@ import psutil
 from tqdm import tqdm
 
 from server.outcome import read_outcome
-from server.report import read_metrics
+from server.round_log import read_round_log
 from shared.config import FedMetaConfig, parse_assignments
 from shared.errors import UserError
 from shared.flower_processes import sigterm_as_interrupt, stop_process_tree
+from shared.run_folder import FEDERATION, FLOWER_LOG, HELDOUT_COMPARISON, HOSPITAL_STATE, META_MODEL
 from simulations.data.synthetic import write_synthetic_federation
 from simulations.launcher import flwr_run, simulation_superlink
 
@@ -88,9 +89,9 @@ def simulation_config(args: argparse.Namespace) -> FedMetaConfig:
     flat: dict[str, Any] = {
         **FedMetaConfig().to_flat(),
         "seed": args.seed,
-        "data.federation-dir": str(args.data.expanduser().resolve() if args.data else run_dir / "federation"),
+        "data.federation-dir": str(args.data.expanduser().resolve() if args.data else run_dir / FEDERATION),
         "data.synthetic": args.data is None,
-        "data.state-dir": str(run_dir / "hospital-state"),
+        "data.state-dir": str(run_dir / HOSPITAL_STATE),
         "server.rounds": args.rounds,
         "server.out-dir": str(run_dir),
         "server.fraction-train": per_round / args.hospitals,
@@ -133,34 +134,51 @@ class PeakMemory(threading.Thread):
             self.stop.wait(self.interval_s)
 
 
+class LineProgress:
+    """tqdm's ``n``, ``update`` and ``close`` for a stderr that is not a terminal: a plain line each time a
+    ``step`` more is done and at the end, where a bar's redraws would make one endless line in a log file."""
+
+    def __init__(self, total: int, desc: str, initial: int = 0, step: int = 1) -> None:
+        self.total, self.desc, self.n, self.step = total, desc, initial, max(1, step)
+
+    def update(self, n: int) -> None:
+        before, self.n = self.n, self.n + n
+        if n > 0 and (self.n >= self.total or self.n // self.step > before // self.step):
+            print(f"fedmeta simulate: {self.desc} {self.n}/{self.total}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        pass
+
+
+Progress = tqdm | LineProgress
+
+
+def progress_bar(
+    total: int, desc: str, unit: str, initial: int = 0, quiet: bool = False, line_step: int = 1
+) -> Progress:
+    """A bar on a terminal, plain lines (every ``line_step``) otherwise, nothing when quiet."""
+    if quiet or sys.stderr.isatty():
+        return tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=quiet)
+    return LineProgress(total, desc, initial, line_step)
+
+
 def write_hospitals(cfg: FedMetaConfig, hospitals: int, quiet: bool) -> None:
     """The run's synthetic hospitals, before it starts: a bar on a terminal, a line per tenth in a log file."""
-    if quiet:
-        write_synthetic_federation(cfg, hospitals)
-        return
-    if sys.stderr.isatty():
-        with tqdm(total=hospitals + cfg.data.heldout_hospitals, desc="writing hospitals", unit="hospital") as bar:
-            write_synthetic_federation(cfg, hospitals, lambda done, _: bar.update(done - bar.n))
-        return
-
-    def line(done: int, total: int) -> None:
-        if done == total or done % max(1, total // 10) == 0:
-            print(f"fedmeta simulate: wrote {done}/{total} synthetic hospitals", file=sys.stderr, flush=True)
-
-    write_synthetic_federation(cfg, hospitals, line)
+    total = hospitals + cfg.data.heldout_hospitals
+    bar = progress_bar(total, "writing hospitals", "hospital", quiet=quiet, line_step=total // 10)
+    write_synthetic_federation(cfg, hospitals, lambda done, _: bar.update(done - bar.n))
+    bar.close()
 
 
 def run_simulation(cfg: FedMetaConfig, hospitals: int, quiet: bool = False, engine: str = "flower") -> dict[str, Any]:
     run_dir = Path(cfg.server.out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    log_path = run_dir / "flower.log"
+    log_path = run_dir / FLOWER_LOG
     if cfg.data.synthetic:
         write_hospitals(cfg, hospitals, quiet)
     memory = PeakMemory()
     memory.start()
-    progress = tqdm(
-        total=cfg.server.rounds, initial=len(read_metrics(run_dir)), desc="rounds", unit="round", disable=quiet
-    )
+    progress = progress_bar(cfg.server.rounds, "rounds", "round", initial=len(read_round_log(run_dir)), quiet=quiet)
     try:
         if engine == "in-process":
             with open(log_path, "a") as log, contextlib.redirect_stdout(log):  # the server's summary
@@ -174,29 +192,29 @@ def run_simulation(cfg: FedMetaConfig, hospitals: int, quiet: bool = False, engi
     outcome = read_outcome(run_dir)
     if outcome is not None and outcome.state == "failed":
         raise UserError(f"the simulation stopped: {outcome.reason}\nrecords and report so far in {run_dir}")
-    records = read_metrics(run_dir)
-    if len(records) < cfg.server.rounds or not (run_dir / "meta-model.safetensors").exists():
+    records = read_round_log(run_dir)
+    if len(records) < cfg.server.rounds or not (run_dir / META_MODEL).exists():
         raise UserError(
             f"the simulation stopped after {len(records)} of {cfg.server.rounds} rounds; see {log_path} "
             "(rerun the same command to resume from the last complete round)"
         )
-    comparison_path = run_dir / "heldout-comparison.json"
+    comparison_path = run_dir / HELDOUT_COMPARISON
     comparison = json.loads(comparison_path.read_text()) if comparison_path.exists() else {}
     return {
         "run_dir": str(run_dir),
         "rounds_completed": len(records),
         "hospitals": hospitals,
-        "clients_per_round": records[-1].get("sampled"),
+        "clients_per_round": records[-1].sampled,
         "few_shot": few_shot_summary(comparison),
         "heldout": comparison,
-        "epsilon_max": max((r.get("epsilon_max") or 0.0 for r in records), default=0.0),
-        "epsilon": records[-1].get("epsilon", {}),
+        "epsilon_max": max((r.epsilon_max or 0.0 for r in records), default=0.0),
+        "epsilon": records[-1].epsilon,
         "peak_rss_mb": round(memory.peak / 2**20, 1),
-        "round_seconds": [round(r.get("seconds", float("nan")), 2) for r in records],
+        "round_seconds": [round(r.seconds, 2) for r in records],
     }
 
 
-def _run_on_flower(cfg: FedMetaConfig, hospitals: int, run_dir: Path, log_path: Path, progress: tqdm) -> None:
+def _run_on_flower(cfg: FedMetaConfig, hospitals: int, run_dir: Path, log_path: Path, progress: Progress) -> None:
     federation = {
         "num-supernodes": hospitals,
         "client-resources-num-cpus": 1,
@@ -209,13 +227,13 @@ def _run_on_flower(cfg: FedMetaConfig, hospitals: int, run_dir: Path, log_path: 
         try:
             while flwr.poll() is None:
                 time.sleep(1.0)
-                progress.update(len(read_metrics(run_dir)) - progress.n)
+                progress.update(len(read_round_log(run_dir)) - progress.n)
         finally:
             stop_process_tree(flwr)
-        progress.update(len(read_metrics(run_dir)) - progress.n)
+        progress.update(len(read_round_log(run_dir)) - progress.n)
 
 
-def _run_in_process(cfg: FedMetaConfig, hospitals: int, progress: tqdm) -> None:
+def _run_in_process(cfg: FedMetaConfig, hospitals: int, progress: Progress) -> None:
     from simulations.inprocess import run_in_process
 
     failure: list[BaseException] = []
@@ -231,7 +249,7 @@ def _run_in_process(cfg: FedMetaConfig, hospitals: int, progress: tqdm) -> None:
     worker.start()
     while worker.is_alive():
         worker.join(timeout=1.0)
-        progress.update(len(read_metrics(Path(cfg.server.out_dir))) - progress.n)
+        progress.update(len(read_round_log(Path(cfg.server.out_dir))) - progress.n)
     if failure:
         raise failure[0]
 

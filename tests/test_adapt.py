@@ -17,17 +17,19 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save
 
-from client.adapt import Candidate, adapt_hospital, class_metrics_note, fit, load_meta_model, meta_init_for, summary
+from client.adapt import Candidate, adapt_hospital, class_metrics_note, fit, meta_init_for, summary
 from client.adapted_model import CARD_FILE, WEIGHTS_FILE, AdaptedModel, load_adapted_model, save_adapted_model
 from client.predict import header_terms, refusal
 from shared.cli import main
 from shared.config import FedMetaConfig, ModelConfig
 from shared.data.dicom import PreprocessConfig
-from shared.data.hospital_folder import SECRET_NAME, STATE_FOLDER, load_hospital, preprocess_for, record_id
+from shared.data.hospital_folder import load_hospital, preprocess_for, record_id
+from shared.data.site_keys import SECRET_NAME, STATE_FOLDER
 from shared.errors import UserError
-from shared.learning.evaluation import adapt_and_predict, few_shot_tasks
+from shared.learning.evaluation import few_shot_tasks, predict
 from shared.learning.maml import INNER_LR_PREFIX, MetaLearner, intra_op_threads
 from shared.learning.models import build_model
+from shared.run_folder import load_meta_model
 from simulations.bench.adapt import meta_train, write_run_dir
 from simulations.data.synthetic import HELDOUT_SEED_OFFSET, write_synthetic_hospital
 from tests.shared_data import shared_data
@@ -202,9 +204,7 @@ def test_predict_gives_the_evaluation_paths_predictions_for_the_same_scans(
     data = load_hospital(new_hospital, model.preprocess)
     train, test = data.split("train"), data.split("test")
     task = few_shot_tasks(train.labels, test.labels, len(data.label_names), SHOTS, tasks=1, seed=0)[0]
-    evaluated = adapt_and_predict(
-        model.learner, model.params, task, torch.from_numpy(train.images), torch.from_numpy(test.images), steps=0
-    )
+    evaluated = predict(model.learner, model.params, torch.from_numpy(test.images[task.query]))
     by_record = {record_id(row["sop_instance_uid"], int(row["frame"])): row for row in rows}
     assert len(by_record) == len(rows) == len(data)
     predicted = [by_record[test.record_ids[i]] for i in task.query]
@@ -300,10 +300,12 @@ def test_inner_loop_candidate_is_the_meta_training_inner_loop() -> None:
     images, labels = torch.rand(12, 1, 28, 28), np.repeat([0, 1], 6)
     task = few_shot_tasks(labels, labels, n_way=2, k_shot=3, tasks=1, seed=0)[0]
     candidate = Candidate("inner-loop-4", "inner-loop", meta, steps=4)
-    params = fit(learner, candidate, images[task.support], torch.from_numpy(task.support_y))
+    shots = images[task.support], torch.from_numpy(task.support_y)
+    probs = predict(learner, fit(learner, candidate, *shots), images[task.query])
+    with torch.enable_grad():
+        trained_loop = learner.adapt(meta, *shots, learner.detached_inner_grads, steps=4)
     with torch.no_grad():
-        probs = learner.logits(params, images[task.query]).softmax(-1).numpy()
-    np.testing.assert_allclose(probs, adapt_and_predict(learner, meta, task, images, images, steps=4), atol=1e-6)
+        np.testing.assert_allclose(probs, trained_loop(images[task.query]).softmax(-1).numpy(), atol=1e-6)
 
 
 def test_head_is_kept_for_as_many_classes_and_reset_for_another_number(meta_run: Path) -> None:

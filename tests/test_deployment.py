@@ -46,6 +46,7 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key, l
 from safetensors.numpy import load_file
 
 from server.deploy import flwr_json
+from server.round_log import read_round_log
 from shared import cli
 from shared.certs import CA_CERT, SERVER_CERT, SERVER_KEY, make_certs, make_hospital_key
 from shared.errors import UserError
@@ -57,6 +58,7 @@ from shared.flower_processes import (
     wait_until_gone,
     write_connection,
 )
+from shared.run_folder import META_MODEL, REPLIES
 from shared.wire import GRADIENT_KEY, HOSPITAL_KEY, METRICS_KEY, NO_DP_TRAIN_METRICS
 from simulations.data.synthetic import write_synthetic_hospital
 
@@ -303,10 +305,6 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Deployment:
         processes.kill()
 
 
-def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 @pytest.mark.slow
 @pytest.mark.deployment
 def test_three_hospitals_train_two_rounds_with_tls_and_node_authentication(deployment: Deployment) -> None:
@@ -315,9 +313,9 @@ def test_three_hospitals_train_two_rounds_with_tls_and_node_authentication(deplo
     assert "TLS, hospital authentication" in out
     assert "fedmeta: round 1/2, 3/3 hospitals" in out
     assert "fedmeta: round 2/2, 3/3 hospitals" in out
-    first_two = metrics(deployment.run_dir)[:2]
-    assert [r["round"] for r in first_two] == [1, 2]
-    assert [r["participants"] for r in first_two] == [3, 3]
+    first_two = read_round_log(deployment.run_dir)[:2]
+    assert [r.round for r in first_two] == [1, 2]
+    assert [r.participants for r in first_two] == [3, 3]
     for name in HOSPITALS:
         assert f"hospital {name} connected to 127.0.0.1:" in deployment.processes.output(name)
     print(f"\nfedmeta server start -> round 1 complete: {deployment.seconds_to_first_round:.1f}s")
@@ -361,19 +359,19 @@ def test_restarted_server_resumes_and_finishes_without_a_killed_hospital(deploym
     assert deployment.restart_status == 0, out[-3000:]
     assert "hospital h0 was registered before" in out
     assert "fedmeta: round 1/4" not in out and "fedmeta: round 3/4, 3/3 hospitals" in out
-    rounds = metrics(deployment.run_dir)
-    assert [r["round"] for r in rounds] == [1, 2, 3, 4]
-    assert rounds[2]["participants"] == 3
-    assert rounds[3]["participants"] == 2 and len(rounds[3]["rejected"]) == 1, rounds[3]
-    assert "train" in rounds[3], "round 4 must still update the meta-parameters"
+    rounds = read_round_log(deployment.run_dir)
+    assert [r.round for r in rounds] == [1, 2, 3, 4]
+    assert rounds[2].participants == 3
+    assert rounds[3].participants == 2 and len(rounds[3].rejected) == 1, rounds[3]
+    assert rounds[3].train is not None, "round 4 must still update the meta-parameters"
 
 
 @pytest.mark.slow
 @pytest.mark.deployment
 def test_train_replies_hold_only_meta_parameter_gradients_and_fixed_metrics(deployment: Deployment) -> None:
-    model = load_file(deployment.run_dir / "meta-model.safetensors")
+    model = load_file(deployment.run_dir / META_MODEL)
     expected = {name: {"shape": list(array.shape), "dtype": "float32"} for name, array in model.items()}
-    replies = [json.loads(line) for line in (deployment.run_dir / "replies.jsonl").read_text().splitlines()]
+    replies = [json.loads(line) for line in (deployment.run_dir / REPLIES).read_text().splitlines()]
     received = [r for r in replies if r["type"] == "train" and r["error"] is None]
     assert len(received) == 3 + 3 + 3 + 2
     for reply in received:

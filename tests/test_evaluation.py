@@ -1,11 +1,17 @@
-"""classification_metrics on small hand-computed examples."""
+"""classification_metrics on small hand-computed examples; the one few-shot protocol wherever it is used."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
+import torch
 
-from shared.learning.evaluation import classification_metrics
+from server.heldout import HeldoutHospitals
+from shared.config import FedMetaConfig
+from shared.learning.evaluation import FewShotProtocol, classification_metrics
+from simulations.data.synthetic import write_synthetic_federation
 
 # six scans of three classes; predicted (argmax) = [0, 1, 1, 2, 2, 2]
 Y = np.array([0, 0, 1, 1, 2, 2])
@@ -77,3 +83,28 @@ def test_two_classes_keep_auc_sensitivity_and_specificity_of_the_positive_class_
             "specificity": 2 / 3,
         }
     )
+
+
+def test_the_heldout_comparison_scores_the_meta_model_as_the_round_evaluation_does(tmp_path: Path) -> None:
+    cfg = FedMetaConfig().replace(
+        model={"width": 8},
+        episode={"eval_episodes": 3, "eval_steps": 2},
+        data={"federation_dir": str(tmp_path), "heldout_hospitals": 1},
+    )
+    write_synthetic_federation(cfg, hospitals=0)
+    heldout = HeldoutHospitals(cfg)
+    meta_params = heldout.learner.init_meta_params()
+    comparison = heldout.compare_with_scratch(meta_params)["hospital-000"]
+    assert comparison["meta"] == pytest.approx(heldout(meta_params)["hospital-000"])  # one protocol
+    assert comparison["tasks"] == 3 and {"meta gain", "meta+fine-tune gain"} <= set(comparison)
+
+
+def test_a_fresh_initialisation_follows_its_seed_and_leaves_the_global_generator_alone() -> None:
+    model = FedMetaConfig().model
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    first, again = FewShotProtocol.fresh_init(model, 7), FewShotProtocol.fresh_init(model, 7)
+    other = FewShotProtocol.fresh_init(model, 8)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert all(torch.equal(first[n], again[n]) for n in first)
+    assert not all(torch.equal(first[n], other[n]) for n in first)

@@ -1,9 +1,8 @@
-"""Run outputs from metrics.jsonl: plots, model card, terminal summary."""
+"""Run outputs from the round records: plots, model card, terminal summary."""
 
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import matplotlib.image
@@ -14,11 +13,21 @@ from server.report import (
     epsilon_references,
     few_shot_references,
     moving_average,
-    read_metrics,
     summary_table,
     write_model_card,
     write_plots,
     write_report,
+)
+from server.round_log import Refusal, Rejection, RoundRecord, TrainStep, Worst, append_round, as_json
+from shared.run_folder import (
+    EPSILON_PLOT,
+    FEW_SHOT_PLOT,
+    HELDOUT_COMPARISON,
+    META_MODEL,
+    METRICS,
+    MODEL_CARD_JSON,
+    MODEL_CARD_MD,
+    TRAIN_LOSS_PLOT,
 )
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -27,43 +36,41 @@ TRAINING = ["st-olav", "h1 (node 5678)", "h1 (node 8812)"]
 HELDOUT = ["hospital-000", "hospital-001"]
 
 
-def round_record(r: int) -> dict:
+def round_record(r: int) -> RoundRecord:
     """A full record as the strategy writes it: accuracy rises, loss falls, epsilon accumulates."""
     sampled = TRAINING[: 2 + r % 2]
-    return {
-        "round": r,
-        "seconds": 10.0 + r,
-        "sampled": len(sampled) + 1,
-        "participants": len(sampled),
-        "rejected": [{"hospital": "node-9999", "reason": "outer-grad 'head.weight' has non-finite values"}],
-        "refused": [],
-        "trained": sorted(sampled),
-        "released": sorted([*sampled, "node-9999"]),
-        "train": {"query-loss": 0.7 - 0.05 * r, "episodes": 64.0, "update-norm": 0.1},
-        "hospitals": {
+    return RoundRecord(
+        round=r,
+        eligible=len(sampled) + 1,
+        sampled=len(sampled) + 1,
+        participants=len(sampled),
+        trained=sorted(sampled),
+        released=sorted([*sampled, "node-9999"]),
+        rejected=[Rejection("node-9999", "outer-grad 'head.weight' has non-finite values")],
+        bytes_down=123456,
+        bytes_up=123456,
+        train=TrainStep(episodes=64.0, update_norm=0.1, lr=0.01, query_loss=0.7 - 0.05 * r),
+        hospitals={
             h: {"balanced-accuracy": 0.5 + 0.04 * r + 0.02 * i, "queries": 120.0} for i, h in enumerate(sampled)
         },
-        "worst_hospital": {"hospital": sampled[0], "balanced-accuracy": 0.5 + 0.04 * r},
-        "heldout": {
+        worst_hospital=Worst(sampled[0], 0.5 + 0.04 * r),
+        heldout={
             h: {"accuracy": 0.55 + 0.03 * r, "balanced-accuracy": 0.5 + 0.03 * r - 0.05 * i, "auc": 0.6}
             for i, h in enumerate(HELDOUT)
         },
-        "heldout_mean": {"accuracy": 0.55 + 0.03 * r, "balanced-accuracy": 0.475 + 0.03 * r, "auc": 0.6},
-        "heldout_worst": {"hospital": HELDOUT[1], "balanced-accuracy": 0.45 + 0.03 * r},
-        "epsilon": {h: 1.5 * r + i for i, h in enumerate(sampled)},
-        "epsilon_max": 1.5 * r + len(sampled) - 1,
-        "site_epsilon": 0.5 * r,
-        "bytes_up": 123456,
-        "bytes_down": 123456,
-    }
+        heldout_mean={"accuracy": 0.55 + 0.03 * r, "balanced-accuracy": 0.475 + 0.03 * r, "auc": 0.6},
+        heldout_worst=Worst(HELDOUT[1], 0.45 + 0.03 * r),
+        epsilon={h: 1.5 * r + i for i, h in enumerate(sampled)},
+        dp={h: True for h in sampled},
+        epsilon_max=1.5 * r + len(sampled) - 1,
+        site_epsilon=0.5 * r,
+        seconds=10.0 + r,
+    )
 
 
-def write_lines(run_dir: Path, lines: list[str], tail: str = "") -> None:
-    (run_dir / "metrics.jsonl").write_text("".join(line + "\n" for line in lines) + tail)
-
-
-def write_rounds(run_dir: Path, records: list[dict], tail: str = "") -> None:
-    write_lines(run_dir, [json.dumps(r) for r in records], tail)
+def write_rounds(run_dir: Path, records: list[RoundRecord]) -> None:
+    for record in records:
+        append_round(run_dir, record)
 
 
 @pytest.fixture
@@ -80,90 +87,54 @@ def round_rows(table: str) -> list[str]:
 
 def test_plots_are_real_pngs_of_the_figure_size(run_dir: Path) -> None:
     written = write_plots(run_dir)
-    assert [p.name for p in written] == ["few-shot.png", "train-loss.png", "epsilon.png"]
+    assert [p.name for p in written] == [FEW_SHOT_PLOT, TRAIN_LOSS_PLOT, EPSILON_PLOT]
     for path in written:
         assert path.read_bytes().startswith(PNG_SIGNATURE)
         height, width, channels = matplotlib.image.imread(path).shape
         assert (height, width, channels) == (450, 700, 4)
-    assert sorted(p.name for p in run_dir.iterdir()) == sorted(["metrics.jsonl", *(p.name for p in written)])
+    assert sorted(p.name for p in run_dir.iterdir()) == sorted([METRICS, *(p.name for p in written)])
 
 
 def test_plot_without_data_is_skipped(tmp_path: Path) -> None:
-    write_rounds(tmp_path, [{"round": 1, "train": {"query-loss": 0.7}}, {"round": 2}])
-    assert [p.name for p in write_plots(tmp_path)] == ["train-loss.png"]
-    assert not (tmp_path / "few-shot.png").exists()
+    write_rounds(tmp_path, [RoundRecord(1, train=TrainStep(64.0, 0.1, 0.01, query_loss=0.7)), RoundRecord(2)])
+    assert [p.name for p in write_plots(tmp_path)] == [TRAIN_LOSS_PLOT, EPSILON_PLOT]  # no evaluation: no few-shot
+    assert not (tmp_path / FEW_SHOT_PLOT).exists()
 
 
-def test_torn_last_line_is_ignored(run_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
-    write_rounds(run_dir, [round_record(r) for r in range(1, 6)], tail='{"round": 6, "seconds": 1')
-    with caplog.at_level(logging.WARNING):
-        records = read_metrics(run_dir)
-    assert [r["round"] for r in records] == [1, 2, 3, 4, 5]
-    assert not caplog.records
-    assert len(round_rows(summary_table(run_dir))) == 5
-
-
-def test_rerun_round_keeps_last_record_and_garbled_middle_line_is_skipped_with_warning(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+def test_rounds_without_a_step_or_an_evaluation_show_dashes_and_the_card_falls_back_to_training_hospitals(
+    tmp_path: Path,
 ) -> None:
-    # a writer killed mid-line, then resumed from the round-1 checkpoint: round 2 is written again
-    lines = [json.dumps({"round": 1}), json.dumps({"round": 2, "seconds": 1.0}), '{"round": 3, "sec']
-    write_lines(tmp_path, [*lines, json.dumps({"round": 2, "seconds": 2.0}), json.dumps({"round": 3})])
-    with caplog.at_level(logging.WARNING):
-        records = read_metrics(tmp_path)
-    assert records == [{"round": 1}, {"round": 2, "seconds": 2.0}, {"round": 3}]
-    assert "line 3" in caplog.text
-
-
-def test_missing_and_malformed_keys_do_not_crash(tmp_path: Path) -> None:
-    write_rounds(
-        tmp_path,
-        [
-            {"round": 1},
-            {"round": 2, "hospitals": None, "epsilon": "n/a", "rejected": None, "heldout": {"hospital-000": None}},
-            {
-                "round": 3,
-                "train": {"query-loss": None},
-                "heldout_mean": {"balanced-accuracy": "high"},
-                "epsilon_max": True,
-            },
-            {"round": 4, "hospitals": {"node-1": {"balanced-accuracy": 0.6}, "node-2": "late"}, "trained": "h0"},
-        ],
-    )
+    write_rounds(tmp_path, [RoundRecord(1), RoundRecord(2, hospitals={"h0": {"balanced-accuracy": 0.6}})])
     table = write_report(tmp_path, {}, {})
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "MODEL_CARD.md",
-        "few-shot.png",
-        "metrics.jsonl",
-        "model-card.json",
-    ]
-    assert [row.split()[1:] for row in round_rows(table)] == [["-"] * 7] * 4
-    assert "round 4: no held-out hospitals evaluated" in table
-    card = json.loads((tmp_path / "model-card.json").read_text())
-    assert card["final_metrics"] == {"balanced-accuracy": 0.6}
-    assert card["privacy"]["epsilon"] == {"per_hospital": {}, "without_dp": [], "max": None, "site_level": None}
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert written == sorted([MODEL_CARD_MD, FEW_SHOT_PLOT, EPSILON_PLOT, METRICS, MODEL_CARD_JSON])
+    assert [row.split()[1:] for row in round_rows(table)] == [["0", "0", "-", "-", "-", "0.00", "0.0"]] * 2
+    assert "round 2: no held-out hospitals evaluated" in table
+    card = json.loads((tmp_path / MODEL_CARD_JSON).read_text())
+    assert card["final_metrics"] == {"balanced-accuracy": 0.6} and card["data"]["rounds_trained"] == 0
+    assert card["privacy"]["epsilon"] == {"per_hospital": {}, "without_dp": [], "max": 0.0, "site_level": None}
 
 
 def test_run_without_metrics_still_gets_a_model_card(tmp_path: Path) -> None:
     assert "no completed rounds" in write_report(tmp_path, {"maml.inner-steps": 5}, {"hospitals": 3})
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["MODEL_CARD.md", "model-card.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [MODEL_CARD_MD, MODEL_CARD_JSON]
 
 
 def test_model_card_has_epsilon_per_hospital_and_nothing_beyond_what_it_is_given(run_dir: Path) -> None:
-    with (run_dir / "metrics.jsonl").open("a") as f:  # anything else in the metrics stays out of the card
-        f.write(json.dumps({**round_record(6), "patient": "DOE^JANE"}) + "\n")
+    with (run_dir / METRICS).open("a") as f:  # anything else in the metrics stays out of the card
+        f.write(json.dumps({**as_json(round_record(6)), "patient": "DOE^JANE"}) + "\n")
     config = {"model.arch": "conv4", "maml.inner-steps": 5, "maml.inner-lr": 0.01, "privacy.target-epsilon": 8.0}
     unit = "Privacy unit: one patient's scans at one hospital (example-level DP, per hospital)."
     data_summary = {"training-hospitals": 3, "heldout-hospitals": 2, "scans": {"train": 900, "test": 300}}
     final = {"balanced-accuracy": 0.655, "auc": 0.6}
 
-    (run_dir / "meta-model.safetensors").write_bytes(b"")
+    (run_dir / META_MODEL).write_bytes(b"")
     path = write_model_card(run_dir, config, {**data_summary, "privacy_unit": unit}, final)
 
-    card = json.loads((run_dir / "model-card.json").read_text())
+    card = json.loads((run_dir / MODEL_CARD_JSON).read_text())
     one, two, three = TRAINING
     assert card == {
-        "weights": ["meta-model.safetensors"],
+        "weights": [META_MODEL],
         "rounds": 6,
         "config": config,
         "data": {
@@ -171,10 +142,10 @@ def test_model_card_has_epsilon_per_hospital_and_nothing_beyond_what_it_is_given
             "rounds_trained": 6,
             # from the round records: rounds a hospital's gradient was used in, gradients it sent, its epsilon
             "hospitals": {
-                two: {"rounds_trained": 6, "releases": 6, "epsilon": 10.0, "dp": None},
-                three: {"rounds_trained": 3, "releases": 3, "epsilon": 9.5, "dp": None},
+                two: {"rounds_trained": 6, "releases": 6, "epsilon": 10.0, "dp": True},
+                three: {"rounds_trained": 3, "releases": 3, "epsilon": 9.5, "dp": True},
                 "node-9999": {"rounds_trained": 0, "releases": 6, "epsilon": None, "dp": None},
-                one: {"rounds_trained": 6, "releases": 6, "epsilon": 9.0, "dp": None},
+                one: {"rounds_trained": 6, "releases": 6, "epsilon": 9.0, "dp": True},
             },
             "heldout_hospitals": HELDOUT,
         },
@@ -191,18 +162,18 @@ def test_model_card_has_epsilon_per_hospital_and_nothing_beyond_what_it_is_given
         "final_metrics": final,
     }
     markdown = path.read_text()
-    assert path.name == "MODEL_CARD.md"
+    assert path.name == MODEL_CARD_MD
     for line in [
         f"| {one} | 9 |",
         f"| {two} | 10 |",
         f"| {three} | 9.5 |",
-        f"| {one} | 6 | 6 | 9 | - |  |",
-        f"| {three} | 3 | 3 | 9.5 | - |  |",
+        f"| {one} | 6 | 6 | 9 | on |  |",
+        f"| {three} | 3 | 3 | 9.5 | on |  |",
         "- rounds that trained the meta-model: 6",
         "- held-out hospitals (few-shot evaluation only, never trained): hospital-000, hospital-001",
         "- max epsilon over hospitals: 10",
         unit,
-        "- `meta-model.safetensors`",
+        f"- `{META_MODEL}`",
         "| `maml.inner-lr` | 0.01 |",
         "- training-hospitals: 3",
         "  - train: 900",
@@ -232,8 +203,8 @@ def test_summary_table_has_one_fixed_width_row_per_round_and_last_heldout_block(
 
 def test_report_final_metrics_are_heldout_mean_of_last_round(run_dir: Path) -> None:
     write_report(run_dir, {}, {})
-    card = json.loads((run_dir / "model-card.json").read_text())
-    assert card["final_metrics"] == round_record(5)["heldout_mean"]
+    card = json.loads((run_dir / MODEL_CARD_JSON).read_text())
+    assert card["final_metrics"] == round_record(5).heldout_mean
 
 
 def test_a_hospital_without_dp_is_no_dp_with_infinite_epsilon_in_table_card_and_plot(tmp_path: Path) -> None:
@@ -241,40 +212,40 @@ def test_a_hospital_without_dp_is_no_dp_with_infinite_epsilon_in_table_card_and_
     records = []
     for r in (1, 2):
         record = round_record(r)
-        record["epsilon"] = {"st-olav": 1.5 * r, "h1 (node 5678)": None}
-        record["dp"] = {"st-olav": True, "h1 (node 5678)": False}
-        record["epsilon_max"] = None
+        record.epsilon = {"st-olav": 1.5 * r, "h1 (node 5678)": None}
+        record.dp = {"st-olav": True, "h1 (node 5678)": False}
+        record.epsilon_max = None
         records.append(record)
     write_rounds(tmp_path, records)
     table = write_report(tmp_path, {}, {})
     assert [row.split()[6:8] for row in round_rows(table)] == [["no", "DP"], ["no", "DP"]]
-    card = json.loads((tmp_path / "model-card.json").read_text())["privacy"]["epsilon"]
+    card = json.loads((tmp_path / MODEL_CARD_JSON).read_text())["privacy"]["epsilon"]
     assert card["per_hospital"] == {"st-olav": 3.0, "h1 (node 5678)": None}
     assert card["without_dp"] == ["h1 (node 5678)"] and card["max"] is None
-    markdown = (tmp_path / "MODEL_CARD.md").read_text().splitlines()
+    markdown = (tmp_path / MODEL_CARD_MD).read_text().splitlines()
     assert "| h1 (node 5678) | no DP (epsilon infinite) |" in markdown
     assert "| h1 (node 5678) | 2 | 2 | no DP (epsilon infinite) | off |  |" in markdown
     assert "- max epsilon over hospitals: no DP, infinite (1 of 2 hospitals without DP; 3 at the others)" in markdown
-    assert (tmp_path / "epsilon.png").read_bytes().startswith(PNG_SIGNATURE)
+    assert (tmp_path / EPSILON_PLOT).read_bytes().startswith(PNG_SIGNATURE)
 
 
 def test_a_run_where_no_hospital_ran_dp_still_plots_its_no_dp_marks(tmp_path: Path) -> None:
-    write_rounds(tmp_path, [{"round": 1, "epsilon": {"node-1": None}, "dp": {"node-1": False}, "epsilon_max": None}])
-    assert [p.name for p in write_plots(tmp_path)] == ["epsilon.png"]
+    write_rounds(tmp_path, [RoundRecord(1, epsilon={"node-1": None}, dp={"node-1": False}, epsilon_max=None)])
+    assert [p.name for p in write_plots(tmp_path)] == [EPSILON_PLOT]
 
 
 def test_a_failed_run_card_says_so_with_each_hospitals_refusal_and_lists_no_weights(tmp_path: Path) -> None:
     refusals = [
-        {"hospital": "h0", "kind": "budget", "reason": "privacy budget exhausted: epsilon spent 7.997"},
-        {"hospital": "h1", "kind": "policy", "reason": "refused by the hospital's privacy policy: dp=true"},
+        Refusal("h0", "budget", "privacy budget exhausted: epsilon spent 7.997"),
+        Refusal("h1", "policy", "refused by the hospital's privacy policy: dp=true"),
     ]
-    write_rounds(tmp_path, [{"round": 1, "participants": 0, "sampled": 2, "refused": refusals, "trained": []}])
+    write_rounds(tmp_path, [RoundRecord(1, eligible=2, sampled=2, refused=refusals)])
     reason = "no hospital can train:\n  h0 refused (budget): privacy budget exhausted: epsilon spent 7.997"
     write_report(tmp_path, {}, {}, RunOutcome("failed", reason, rounds=2, rounds_trained=0))
-    card = json.loads((tmp_path / "model-card.json").read_text())
+    card = json.loads((tmp_path / MODEL_CARD_JSON).read_text())
     assert card["outcome"] == {"state": "failed", "reason": reason} and card["weights"] == []
     assert card["data"]["hospitals"]["h0"]["refused"] == "budget: privacy budget exhausted: epsilon spent 7.997"
-    markdown = (tmp_path / "MODEL_CARD.md").read_text().splitlines()
+    markdown = (tmp_path / MODEL_CARD_MD).read_text().splitlines()
     assert "**Failed**: 0 of 1 recorded rounds trained the meta-model. The run stopped:" in markdown
     assert "  h0 refused (budget): privacy budget exhausted: epsilon spent 7.997" in markdown
     assert "| h0 | 0 | 0 | - | - | budget: privacy budget exhausted: epsilon spent 7.997 |" in markdown
@@ -283,7 +254,7 @@ def test_a_failed_run_card_says_so_with_each_hospitals_refusal_and_lists_no_weig
 
 def test_plots_have_chance_scratch_and_privacy_target_reference_lines(run_dir: Path) -> None:
     comparison = {h: {"scratch": {"balanced-accuracy": score}} for h, score in zip(HELDOUT, [0.6, 0.7])}
-    (run_dir / "heldout-comparison.json").write_text(json.dumps(comparison))
+    (run_dir / HELDOUT_COMPARISON).write_text(json.dumps(comparison))
     config = {"model.n-way": 3, "privacy.enabled": True, "privacy.target-epsilon": 8.0}
     few_shot = few_shot_references(run_dir, config)
     assert [(label, round(value, 4)) for label, value, _ in few_shot] == [
@@ -293,7 +264,7 @@ def test_plots_have_chance_scratch_and_privacy_target_reference_lines(run_dir: P
     assert [value for _, value, _ in epsilon_references(config)] == [8.0]
     assert epsilon_references({**config, "privacy.enabled": False}) == []
     written = write_plots(run_dir, config)
-    assert [p.name for p in written] == ["few-shot.png", "train-loss.png", "epsilon.png"]
+    assert [p.name for p in written] == [FEW_SHOT_PLOT, TRAIN_LOSS_PLOT, EPSILON_PLOT]
 
 
 def test_the_train_loss_moving_average_is_a_trailing_mean() -> None:

@@ -16,11 +16,22 @@ from opacus.accountants import RDPAccountant
 
 from server.app import initial_state, run_federation
 from server.checkpoint import load_latest
-from server.outcome import STATUS_FILE, RunFailed, read_outcome
+from server.outcome import RunFailed, read_outcome
+from server.round_log import Refusal, Rejection, RoundRecord, read_round_log
 from shared.accounting import AccountingError, check_history
 from shared.config import FedMetaConfig
 from shared.data.federation import federation_dir
 from shared.learning.maml import Params
+from shared.run_folder import (
+    CHECKPOINTS,
+    EPSILON_PLOT,
+    META_MODEL,
+    METRICS,
+    MODEL_CARD_JSON,
+    MODEL_CARD_MD,
+    STATUS,
+    TRAIN_LOSS_PLOT,
+)
 from shared.wire import (
     GRADIENT_KEY,
     HOSPITAL_KEY,
@@ -65,8 +76,8 @@ def run(cfg: FedMetaConfig, hospitals: int = 3, grid: LoopbackGrid | None = None
     return grid
 
 
-def metrics(cfg: FedMetaConfig) -> list[dict]:
-    return [json.loads(line) for line in (Path(cfg.server.out_dir) / "metrics.jsonl").read_text().splitlines()]
+def metrics(cfg: FedMetaConfig) -> list[RoundRecord]:
+    return read_round_log(Path(cfg.server.out_dir))
 
 
 def test_a_run_interrupted_after_round_2_resumes_to_the_same_meta_parameters(tmp_path: Path) -> None:
@@ -79,6 +90,8 @@ def test_a_run_interrupted_after_round_2_resumes_to_the_same_meta_parameters(tmp
         run(split, grid=grid)
     interrupted = load_latest(Path(split.server.out_dir))
     assert interrupted.round == 2
+    with (Path(split.server.out_dir) / METRICS).open("a") as f:
+        f.write('{"round": 3, "eligible": 3, "sam')  # what a kill while writing a round's line leaves
     assert sorted(interrupted.names.values()) == ["hospital-000", "hospital-001", "hospital-002"]
     run(split)  # a restarted server with the same out-dir
     expected = load_latest(Path(whole.server.out_dir)).meta_params
@@ -86,7 +99,7 @@ def test_a_run_interrupted_after_round_2_resumes_to_the_same_meta_parameters(tmp
     assert resumed.round == 4
     for name, value in expected.items():
         torch.testing.assert_close(resumed.meta_params[name], value, rtol=1e-5, atol=1e-6)
-    assert [r["round"] for r in metrics(split)] == [1, 2, 3, 4]
+    assert [r.round for r in metrics(split)] == [1, 2, 3, 4]
 
 
 def corrupt(grid: LoopbackGrid, node: int, how: str) -> None:
@@ -127,14 +140,14 @@ def test_nan_wrong_shape_and_enormous_gradients_are_rejected_with_reasons_and_th
     before = load_latest(Path(cfg.server.out_dir))
     run(cfg, grid=grid)
     record = metrics(cfg)[0]
-    reasons = {r["hospital"]: r["reason"] for r in record["rejected"]}
+    reasons = {r.hospital: r.reason for r in record.rejected}
     # the roll call named every hospital before round 1 (virtual hospitals are named after their folders)
     assert "non-finite" in reasons["hospital-000"]
     assert "has shape (5,)" in reasons["hospital-001"]
     assert "exceeds server.max-update-norm" in reasons["hospital-002"]
-    assert record["participants"] == 2
+    assert record.participants == 2
     assert before is None and load_latest(Path(cfg.server.out_dir)).round == 1
-    assert record["train"]["update-norm"] > 0
+    assert record.train is not None and record.train.update_norm > 0
 
 
 def test_a_hospital_that_disappears_mid_round_is_reported_and_the_round_completes(tmp_path: Path) -> None:
@@ -144,8 +157,8 @@ def test_a_hospital_that_disappears_mid_round_is_reported_and_the_round_complete
     corrupt(grid, gone, "vanish")
     run(cfg, grid=grid)
     for record in metrics(cfg):
-        assert record["participants"] == 2
-        assert {"hospital": "hospital-000", "reason": "no reply within server.round-timeout-s"} in record["rejected"]
+        assert record.participants == 2
+        assert Rejection("hospital-000", "no reply within server.round-timeout-s") in record.rejected
 
 
 def test_a_hospital_with_a_spent_budget_refuses_and_is_not_sampled_again(tmp_path: Path) -> None:
@@ -161,13 +174,13 @@ def test_a_hospital_with_a_spent_budget_refuses_and_is_not_sampled_again(tmp_pat
     grid.handlers[strict] = grid.client_handler(strict, 0, node)
     run(cfg, grid=grid)
     records = metrics(cfg)
-    refused_rounds = [r["round"] for r in records if any(x["hospital"] == "strict" for x in r["refused"])]
+    refused_rounds = [r.round for r in records if any(x.hospital == "strict" for x in r.refused)]
     assert len(refused_rounds) == 1, "refused once, then never asked again"
     later = [m for m in grid.sent if m.metadata.message_type == "train" and m.metadata.dst_node_id == strict]
     assert len(later) == refused_rounds[0]
-    refusal = records[refused_rounds[0] - 1]["refused"][0]
-    assert refusal["kind"] == "budget" and "privacy budget exhausted" in refusal["reason"]
-    assert max(r["epsilon"]["strict"] for r in records if "strict" in r["epsilon"]) <= 5.0
+    refusal = records[refused_rounds[0] - 1].refused[0]
+    assert refusal.kind == "budget" and "privacy budget exhausted" in refusal.reason
+    assert max(r.epsilon["strict"] for r in records if "strict" in r.epsilon) <= 5.0
 
 
 def test_site_level_dp_clips_each_hospital_adds_noise_and_reports_site_epsilon(tmp_path: Path) -> None:
@@ -176,10 +189,10 @@ def test_site_level_dp_clips_each_hospital_adds_noise_and_reports_site_epsilon(t
     )
     run(cfg)
     records = metrics(cfg)
-    assert records[0]["site_epsilon"] > 0
-    assert records[1]["site_epsilon"] > records[0]["site_epsilon"]
+    assert records[0].site_epsilon > 0
+    assert records[1].site_epsilon > records[0].site_epsilon
     # noise std 0.011 per coordinate over ~1,000 coordinates dwarfs three clipped 0.01 gradients
-    assert records[0]["train"]["update-norm"] > 0.1
+    assert records[0].train.update_norm > 0.1
 
 
 def test_replies_crossing_the_wire_hold_only_meta_parameter_shaped_arrays_and_fixed_metrics(tmp_path: Path) -> None:
@@ -200,16 +213,16 @@ def test_replies_crossing_the_wire_hold_only_meta_parameter_shaped_arrays_and_fi
             assert all(isinstance(v, float) for v in record.values())
     assert kinds == {"train", "evaluate"}
     assert names == {"hospital-000", "hospital-001", "hospital-002"}
-    assert sorted(metrics(cfg)[0]["hospitals"]) == sorted(names)
+    assert sorted(metrics(cfg)[0].hospitals) == sorted(names)
 
 
 def test_run_folder_has_model_card_plots_and_safetensors_model(tmp_path: Path) -> None:
     cfg = server_config(tmp_path, server={"rounds": 2})
     run(cfg)
     out = Path(cfg.server.out_dir)
-    for name in ["meta-model.safetensors", "MODEL_CARD.md", "model-card.json", "train-loss.png", "metrics.jsonl"]:
+    for name in [META_MODEL, MODEL_CARD_MD, MODEL_CARD_JSON, TRAIN_LOSS_PLOT, METRICS]:
         assert (out / name).exists(), name
-    assert (out / "train-loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / TRAIN_LOSS_PLOT).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 # -- replies crafted at the wire: what any hospital (or anyone holding its key) could send ----------------
@@ -279,16 +292,16 @@ def test_malformed_metrics_and_inflated_episode_counts_are_rejected_with_reasons
     )
     run(cfg, grid=grid)
     record = metrics(cfg)[0]
-    reasons = {r["hospital"]: r["reason"] for r in record["rejected"]}
+    reasons = {r.hospital: r.reason for r in record.rejected}
     assert "metric keys ['epsilon'] are missing" in reasons[label(grid, 2)]
     assert "'query-loss'=nan is not a finite number" in reasons[label(grid, 3)]
     assert f"'episodes'={10 * episodes} is outside [0, {episodes}]" in reasons[label(grid, 4)]
     assert "unexpected metric keys ['query-loss']" in reasons[label(grid, 5)]
     assert "'dp'=0.5 must be 0 (no DP) or 1 (DP)" in reasons[label(grid, 6)]
     assert "hospital name '../etc' does not fit" in reasons[label(grid, 7)]
-    assert record["participants"] == 2 and len(reasons) == 6
-    assert record["train"]["query-loss"] == pytest.approx(0.5)  # the two usable replies, each counted once
-    assert record["train"]["episodes"] == 2 * episodes
+    assert record.participants == 2 and len(reasons) == 6
+    assert record.query_loss == pytest.approx(0.5)  # the two usable replies, each counted once
+    assert record.train.episodes == 2 * episodes
     assert load_latest(Path(cfg.server.out_dir)).round == 1
 
 
@@ -296,7 +309,7 @@ def test_train_query_loss_is_absent_when_every_reply_ran_with_dp(tmp_path: Path)
     cfg = server_config(tmp_path, server={"rounds": 1})
     run(cfg, grid=crafted_grid(cfg, [crafted(dp_metrics(cfg, 1.0)), crafted(dp_metrics(cfg, 2.0))]))
     record = metrics(cfg)[0]
-    assert record["participants"] == 2 and "query-loss" not in record["train"]
+    assert record.participants == 2 and record.train is not None and record.query_loss is None
 
 
 def test_a_hospital_without_dp_is_shown_as_no_dp_in_the_round_line_metrics_and_model_card(
@@ -310,15 +323,15 @@ def test_a_hospital_without_dp_is_shown_as_no_dp_in_the_round_line_metrics_and_m
     raw = label(grid, 2)
     assert f"epsilon max no DP (1 of 3 hospitals without DP: {raw}; 2.10 at the others)" in capsys.readouterr().out
     record = metrics(cfg)[-1]
-    assert record["epsilon"][raw] is None and record["dp"][raw] is False and record["epsilon_max"] is None
-    assert record["epsilon"][label(grid, 1)] == 2.1 and record["dp"][label(grid, 1)] is True
+    assert record.epsilon[raw] is None and record.dp[raw] is False and record.epsilon_max is None
+    assert record.epsilon[label(grid, 1)] == 2.1 and record.dp[label(grid, 1)] is True
     out = Path(cfg.server.out_dir)
-    card = json.loads((out / "model-card.json").read_text())["privacy"]["epsilon"]
+    card = json.loads((out / MODEL_CARD_JSON).read_text())["privacy"]["epsilon"]
     assert card["per_hospital"][raw] is None and card["without_dp"] == [raw] and card["max"] is None
-    markdown = (out / "MODEL_CARD.md").read_text().splitlines()
+    markdown = (out / MODEL_CARD_MD).read_text().splitlines()
     assert f"| {raw} | no DP (epsilon infinite) |" in markdown
     assert "- max epsilon over hospitals: no DP, infinite (1 of 3 hospitals without DP; 2.1 at the others)" in markdown
-    assert (out / "epsilon.png").exists()
+    assert (out / EPSILON_PLOT).exists()
 
 
 def test_policy_and_budget_refusals_exclude_the_hospital_and_are_reported_with_their_reasons(tmp_path: Path) -> None:
@@ -335,12 +348,12 @@ def test_policy_and_budget_refusals_exclude_the_hospital_and_are_reported_with_t
     )
     run(cfg, grid=grid)
     records = metrics(cfg)
-    assert records[0]["refused"] == [
-        {"hospital": label(grid, 2), "kind": "policy", "reason": policy},
-        {"hospital": label(grid, 3), "kind": "budget", "reason": "privacy budget exhausted"},
+    assert records[0].refused == [
+        Refusal(label(grid, 2), "policy", policy),
+        Refusal(label(grid, 3), "budget", "privacy budget exhausted"),
     ]
-    assert [r["refused"] for r in records[1:]] == [[], []]
-    assert all(r["participants"] == 2 and not r["rejected"] for r in records)
+    assert [r.refused for r in records[1:]] == [[], []]
+    assert all(r.participants == 2 and not r.rejected for r in records)
     asked = [m.metadata.dst_node_id for m in grid.sent if m.metadata.message_type == "train"]
     assert asked.count(sorted(grid.handlers)[2]) == asked.count(sorted(grid.handlers)[3]) == 1
 
@@ -378,7 +391,7 @@ def test_site_level_dp_noise_is_fresh_every_run_and_not_recoverable_from_the_see
     seeded = torch.Generator().manual_seed(cfg.seed)
     regenerated = {n: std * torch.randn(t.shape, generator=seeded).double() for n, t in first.items()}
     assert norm({n: first[n] - regenerated[n] for n in first}) > norm(first)
-    checkpoint = Path(cfg.server.out_dir) / "checkpoint"
+    checkpoint = Path(cfg.server.out_dir) / CHECKPOINTS
     assert not list(checkpoint.rglob("rng*")), "no noise state is stored"
 
 
@@ -391,11 +404,11 @@ def test_a_site_dp_run_resumed_after_a_kill_accounts_every_release_once(tmp_path
         run(cfg, grid=grid)
     run(cfg, grid=crafted_grid(cfg, handlers))
     records = metrics(cfg)
-    assert [r["round"] for r in records] == [1, 2, 3]
+    assert [r.round for r in records] == [1, 2, 3]
     accountant = RDPAccountant()
     for record in records:
         accountant.step(noise_multiplier=cfg.server.site_noise_multiplier, sample_rate=cfg.server.fraction_train)
-        assert record["site_epsilon"] == pytest.approx(accountant.get_epsilon(cfg.server.site_delta))
+        assert record.site_epsilon == pytest.approx(accountant.get_epsilon(cfg.server.site_delta))
     assert load_latest(Path(cfg.server.out_dir)).site_accountant == [[1.0, 1.0, 3]]
 
 
@@ -403,7 +416,7 @@ def test_site_level_dp_samples_hospitals_by_poisson_and_accounts_at_that_rate(tm
     cfg = site_dp_config(tmp_path, "poisson", rounds=10).replace(server={"fraction_train": 0.5, "min_train_nodes": 1})
     run(cfg, grid=crafted_grid(cfg, [crafted(no_dp_metrics(cfg)) for _ in range(4)]))
     # a fixed-size draw would take 2 of 4 every round; Poisson does so with probability 0.375 ** 10 = 5e-5
-    assert {r["sampled"] for r in metrics(cfg)} != {2}
+    assert {r.sampled for r in metrics(cfg)} != {2}
     assert load_latest(Path(cfg.server.out_dir)).site_accountant == [[1.0, 0.5, 10]]
 
 
@@ -435,16 +448,16 @@ def test_hospitals_appear_by_their_chosen_names_in_round_lines_records_and_model
     assert "fedmeta: round 1/2, 2/3 hospitals, 1 refused (charite)" in out
     assert "query loss 0.8" in out and "epsilon max no DP (2 of 2 hospitals without DP: karolinska, st-olav)" in out
     records = metrics(cfg)
-    assert records[0]["refused"][0]["hospital"] == "charite"
-    assert records[0]["trained"] == ["karolinska", "st-olav"] and sorted(records[0]["epsilon"]) == records[0]["trained"]
-    assert sorted(records[1]["hospitals"]) == ["karolinska", "st-olav"]
+    assert records[0].refused[0].hospital == "charite"
+    assert records[0].trained == ["karolinska", "st-olav"] and sorted(records[0].epsilon) == records[0].trained
+    assert sorted(records[1].hospitals) == ["karolinska", "st-olav"]
     out_dir = Path(cfg.server.out_dir)
-    card = json.loads((out_dir / "model-card.json").read_text())
+    card = json.loads((out_dir / MODEL_CARD_JSON).read_text())
     assert sorted(card["data"]["hospitals"]) == ["charite", "karolinska", "st-olav"]
     assert card["data"]["hospitals"]["st-olav"] == {"rounds_trained": 2, "releases": 2, "epsilon": None, "dp": False}
-    markdown = (out_dir / "MODEL_CARD.md").read_text()
+    markdown = (out_dir / MODEL_CARD_MD).read_text()
     assert "| st-olav | 2 | 2 | no DP (epsilon infinite) | off |  |" in markdown.splitlines()
-    everything = markdown + (out_dir / "metrics.jsonl").read_text() + out
+    everything = markdown + (out_dir / METRICS).read_text() + out
     assert not any(str(node) in everything for node in nodes), "node ids stay out of what people read"
 
 
@@ -464,7 +477,7 @@ def test_two_hospitals_claiming_one_name_are_kept_apart_and_warned_about_once(
     with caplog.at_level("WARNING", logger="server.strategy"):
         run(cfg, grid=grid)
     for record in metrics(cfg):
-        assert record["trained"] == sorted(["solo", f"twin (node {first})", f"twin (node {second})"])
+        assert record.trained == sorted(["solo", f"twin (node {first})", f"twin (node {second})"])
     warnings = [r.getMessage() for r in caplog.records if "call themselves twin" in r.getMessage()]
     assert len(warnings) == 1 and "fedmeta client --name" in warnings[0]
     assert load_latest(Path(cfg.server.out_dir)).names == {
@@ -508,8 +521,8 @@ def test_a_run_where_every_hospital_refuses_stops_early_with_each_hospitals_reas
     out_dir = Path(cfg.server.out_dir)
     outcome = read_outcome(out_dir)
     assert outcome.state == "failed" and outcome.reason == str(stopped.value) and outcome.rounds_trained == 0
-    assert [r["round"] for r in metrics(cfg)] == [1] and not (out_dir / "meta-model.safetensors").exists()
-    assert "**Failed**" in (out_dir / "MODEL_CARD.md").read_text()
+    assert [r.round for r in metrics(cfg)] == [1] and not (out_dir / META_MODEL).exists()
+    assert "**Failed**" in (out_dir / MODEL_CARD_MD).read_text()
     out = capsys.readouterr().out
     assert "fedmeta: round 1/3, 0/3 hospitals, 3 refused (h0, h1, h2)" in out
     assert "fedmeta: stopped: no hospital can train:" in out and "finished" not in out
@@ -522,7 +535,7 @@ def test_a_run_in_which_no_round_trains_fails_instead_of_finishing(tmp_path: Pat
         RunFailed, match=r"no round trained the meta-model: every round had fewer than server\.min-train"
     ):
         run(cfg, grid=grid)
-    assert [r["participants"] for r in metrics(cfg)] == [0, 0]
+    assert [r.participants for r in metrics(cfg)] == [0, 0]
     assert read_outcome(Path(cfg.server.out_dir)).state == "failed"
 
 
@@ -530,7 +543,7 @@ def test_a_run_no_hospital_connects_to_stops_with_that_reason(tmp_path: Path) ->
     cfg = server_config(tmp_path)
     with pytest.raises(RunFailed, match=re.escape("no hospital connected within server.wait-for-nodes-s=0s")):
         run(cfg, hospitals=0)
-    status = json.loads((Path(cfg.server.out_dir) / STATUS_FILE).read_text())
+    status = json.loads((Path(cfg.server.out_dir) / STATUS).read_text())
     assert status["state"] == "failed" and status["rounds_trained"] == 0
 
 

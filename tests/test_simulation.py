@@ -16,17 +16,24 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+import pydicom
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from client.hospital import Hospital
+from server.round_log import read_round_log
 from shared.config import FedMetaConfig, MamlConfig
-from shared.learning.evaluation import adapt_and_predict, few_shot_tasks
+from shared.data.dicom import PreprocessConfig, read_dicom
+from shared.data.federation import HELDOUT_FOLDER, hospital_name
+from shared.errors import UserError
+from shared.learning.evaluation import FewShotProtocol, few_shot_tasks, predict
 from shared.learning.maml import MetaLearner
 from shared.learning.models import build_model
+from shared.run_folder import FEDERATION, HELDOUT_COMPARISON, META_MODEL
 from simulations.bench import quality as bench_quality
 from simulations.bench import scale as bench_scale
+from simulations.data.medmnist import novel_class_plan, stain_shift
 from simulations.simulate import simulation_config
 from tests.shared_data import shared_data
 
@@ -98,10 +105,10 @@ def test_simulate_runs_virtual_hospitals_through_flower_and_leaves_no_process_be
     assert result["peak_rss_mb"] > 100
     assert set(result["few_shot"]) == {"meta", "meta+fine-tune", "scratch"}
     assert "balanced-accuracy" in result["few_shot"]["meta"]
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["participants"] for r in records] == [2, 2]
-    assert records[0]["bytes_up"] == records[0]["bytes_down"]  # a gradient per meta-parameter, nothing more
-    assert (out / "meta-model.safetensors").exists()
+    records = read_round_log(out)
+    assert [r.participants for r in records] == [2, 2]
+    assert records[0].bytes_up == records[0].bytes_down  # a gradient per meta-parameter, nothing more
+    assert (out / META_MODEL).exists()
     assert not flower_processes() - before
 
 
@@ -161,8 +168,6 @@ def test_quality_bench_scores_every_method_on_the_same_tasks_against_fedavg_fine
             "5",
             "--eval-tasks",
             "3",
-            "--fine-tune-steps",
-            "3",
             "--work-dir",
             str(tmp_path),
             "--set",
@@ -189,6 +194,40 @@ def test_new_task_setting_holds_out_a_dataset_no_training_hospital_has(tmp_path:
     heldout = labels_of(federation / "heldout" / "hospital-000")
     assert {label.split(":")[0] for label in training} == {"retina", "pneumonia"}
     assert {label.split(":")[0] for label in heldout} == {"breast"}
+    assert bench_quality.prepare_federation(args, tmp_path) == federation  # written once, then reused
+    with pytest.raises(UserError, match="hospitals"):  # never silently reused under other settings
+        bench_quality.prepare_federation(argparse.Namespace(**{**vars(args), "hospitals": 3}), tmp_path)
+
+
+def test_novel_classes_setting_holds_out_classes_no_training_hospital_has(tmp_path: Path) -> None:
+    parser = argparse.ArgumentParser()
+    bench_quality.add_arguments(parser)
+    root = shared_data("medmnist")
+    argv = ["--setting", "blood-novel-classes", "--data-root", str(root), "--hospitals", "4", "--heldout", "3"]
+    federation = bench_quality.prepare_federation(parser.parse_args(argv), tmp_path)
+    label_sets = json.loads((federation / "label-sets.json").read_text())
+    novel = set(label_sets["novel"])
+    training = [labels_of(federation / hospital_name(h)) for h in range(4)]
+    heldout = [labels_of(federation / HELDOUT_FOLDER / hospital_name(h)) for h in range(3)]
+    assert len(novel) == 2 and novel <= {f"blood:{c}" for c in range(8)}
+    assert all(3 <= len(labels) <= 4 and not labels & novel for labels in training)
+    assert all(3 <= len(labels) <= 4 and labels & novel for labels in heldout)
+    assert novel <= set().union(*heldout)  # each novel class is some held-out hospital's
+    assert [sorted(labels) for labels in training] == list(label_sets["training"].values())
+
+    # RGB Secondary Capture, read as the documented BT.601 luma of the stained, rescanned pixels
+    path = next((federation / HELDOUT_FOLDER / hospital_name(0)).rglob("*.dcm"))
+    ds = pydicom.dcmread(path)
+    assert (ds.PhotometricInterpretation, ds.SamplesPerPixel) == ("RGB", 3)
+    luma = ds.pixel_array / 255 @ np.array([0.299, 0.587, 0.114])
+    gray = read_dicom(path, PreprocessConfig(image_size=ds.Rows, channels=1)).pixels[0, 0]
+    np.testing.assert_allclose(gray, luma, atol=1e-5)
+
+    plans = [novel_class_plan(range(8), 24, 6, (3, 4), 2, seed) for seed in (0, 0, 1)]
+    assert plans[0] == plans[1] != plans[2]
+    assert stain_shift(5, seed=0) == stain_shift(5, seed=0) != stain_shift(6, seed=0)
+    with pytest.raises(UserError, match="classes-per-hospital 3-7"):
+        novel_class_plan(range(8), 4, 1, (3, 7), 2, seed=0)
 
 
 def labels_of(hospital: Path) -> set[str]:
@@ -214,21 +253,25 @@ def test_one_inner_loop_run_scores_every_step_count_as_separate_adaptations_woul
     task = few_shot_tasks(np.array([0, 1] * 20), np.array([0, 1] * 6), 2, 5, 1, 0)[0]
     learner = MetaLearner(build_model(FedMetaConfig().model), MamlConfig(**maml))
     params = learner.init_meta_params()
-    incremental = bench_quality.inner_loop_predictions(learner, params, task, train_x, test_x)
-    assert list(incremental) == list(bench_quality.ADAPT_STEPS)
-    for steps, probs in incremental.items():
-        np.testing.assert_allclose(probs, adapt_and_predict(learner, params, task, train_x, test_x, steps), atol=1e-6)
+    protocol = FewShotProtocol(inner_steps=5)
+    variants = protocol.meta_predictions(learner, params, task, train_x, test_x, sweep=bench_quality.ADAPT_STEPS)
+    assert set(variants) == {"meta", "meta+fine-tune", *(f"meta/k={k}" for k in bench_quality.ADAPT_STEPS)}
+    np.testing.assert_array_equal(variants["meta"], variants["meta/k=5"])
+    shots = train_x[task.support], torch.from_numpy(task.support_y)
+    for steps in bench_quality.ADAPT_STEPS:
+        alone = predict(learner, protocol.inner_loop(learner, params, *shots, steps), test_x[task.query])
+        np.testing.assert_allclose(variants[f"meta/k={steps}"], alone, atol=1e-6)
 
 
 def meta_model(run: Path) -> dict[str, torch.Tensor]:
-    return load_file(run / "meta-model.safetensors")
+    return load_file(run / META_MODEL)
 
 
 def assert_same_run_results(run: Path, reference: Path) -> None:
     first, second = meta_model(run), meta_model(reference)
     assert first.keys() == second.keys()
     assert all(torch.equal(first[name], second[name]) for name in first), "meta-parameters differ"
-    assert (run / "heldout-comparison.json").read_text() == (reference / "heldout-comparison.json").read_text()
+    assert (run / HELDOUT_COMPARISON).read_text() == (reference / HELDOUT_COMPARISON).read_text()
 
 
 @pytest.fixture(scope="module")
@@ -244,7 +287,8 @@ def test_two_seeded_runs_into_fresh_folders_end_with_the_same_meta_model_and_hel
 ) -> None:
     again = tmp_path / "run"
     simulate_json(again, *SEEDED, "--seed", "7", *SEEDED_SETTINGS)
-    secrets_of = [sorted(p.read_bytes() for p in run.glob("federation/**/site_secret")) for run in (again, seeded_run)]
+    secrets = f"{FEDERATION}/**/site_secret"
+    secrets_of = [sorted(p.read_bytes() for p in run.glob(secrets)) for run in (again, seeded_run)]
     assert len(secrets_of[0]) == 3 and secrets_of[0] == secrets_of[1]  # 2 training and 1 held-out hospital
     assert_same_run_results(again, seeded_run)
 
@@ -252,9 +296,8 @@ def test_two_seeded_runs_into_fresh_folders_end_with_the_same_meta_model_and_hel
 def test_runs_with_different_seeds_differ(seeded_run: Path, tmp_path: Path) -> None:
     other = tmp_path / "run"
     simulate_json(other, *SEEDED, "--seed", "8", "--set", *TINY, "data.heldout-hospitals=0")
-    assert (other / "federation/hospital-000/labels.csv").read_bytes() != (
-        seeded_run / "federation/hospital-000/labels.csv"
-    ).read_bytes()
+    labels = f"{FEDERATION}/hospital-000/labels.csv"
+    assert (other / labels).read_bytes() != (seeded_run / labels).read_bytes()
     first, second = meta_model(other), meta_model(seeded_run)
     assert any(not torch.equal(first[name], second[name]) for name in first)
 
@@ -271,9 +314,9 @@ def marked_processes(token: str) -> list[psutil.Process]:
 
 
 def wait_for_round(run: Path, round_number: int, process: subprocess.Popen, timeout_s: float = 300.0) -> None:
-    """Until ``metrics.jsonl`` has the line of ``round_number`` (fails if the run ends or the time is up)."""
-    path, deadline = run / "metrics.jsonl", time.monotonic() + timeout_s
-    while not (path.exists() and len(path.read_text().splitlines()) >= round_number):
+    """Until the run has recorded ``round_number`` rounds (fails if the run ends or the time is up)."""
+    deadline = time.monotonic() + timeout_s
+    while len(read_round_log(run)) < round_number:
         assert process.poll() is None, f"the run ended (status {process.returncode}) before round {round_number}"
         assert time.monotonic() < deadline, f"no round {round_number} within {timeout_s:.0f}s"
         time.sleep(0.05)
@@ -283,7 +326,7 @@ def test_a_run_stopped_with_sigterm_after_round_2_stops_its_process_tree_and_its
     seeded_run: Path, tmp_path: Path
 ) -> None:
     out, token = tmp_path / "run", secrets.token_hex(8)
-    same_command = [*SEEDED, "--seed", "7", "--data", str(seeded_run / "federation"), *SEEDED_SETTINGS]
+    same_command = [*SEEDED, "--seed", "7", "--data", str(seeded_run / FEDERATION), *SEEDED_SETTINGS]
     run = subprocess.Popen(
         simulate_command(out, *same_command),
         cwd=PROJECT,

@@ -15,7 +15,8 @@ import pytest
 
 from shared.cli import main
 from shared.data.dicom import PreprocessConfig
-from shared.data.hospital_folder import SECRET_NAME, STATE_FOLDER, HospitalData, load_hospital
+from shared.data.hospital_folder import HospitalData, load_hospital
+from shared.data.site_keys import SECRET_NAME, STATE_FOLDER
 from simulations.data.synthetic import LESIONS, SCANNERS, SIZE_TASK, site_profile, write_synthetic_hospital
 
 CONFIG = PreprocessConfig(image_size=28)

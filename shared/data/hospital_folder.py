@@ -7,22 +7,16 @@ file that cannot be used, and every ``labels.csv`` row that matches no file, is 
 What leaves this module is PHI-free by construction: images, label names, record ids (sha256 of SOP
 Instance UID and frame), patient keys (HMAC-SHA256 with the site secret), splits, and a report whose
 only strings are relative file paths (the report stays on site), label names and fixed reason texts. Logs
-carry counts and label names only. The site secret is created once, at ``HOSPITAL/.fedmeta/site_secret`` (mode 0600) or,
-when the hospital folder is read-only, in the cache folder.
+carry counts and label names only.
 """
 
 from __future__ import annotations
 
-import contextlib
-import csv
 import dataclasses
 import hashlib
-import hmac
 import json
 import logging
 import os
-import posixpath
-import secrets
 import sys
 import time
 from collections import Counter
@@ -35,25 +29,15 @@ from tqdm import tqdm
 
 from shared.atomic import PRIVATE_DIR
 from shared.config import FedMetaConfig
-from shared.data.dicom import DicomReadError, PreprocessConfig, decoder_versions, read_dicom
+from shared.data.dicom import DicomReadError, PreprocessConfig, read_dicom
+from shared.data.manifest import MANIFEST_NAME, SPLITS, LabelRow, Manifest, SkippedFile, read_manifest
 from shared.data.scan_cache import FileState, ScanCache, ScanEntry, atomic_write
+from shared.data.site_keys import STATE_FOLDER, SiteKeys, default_split, site_secret
 from shared.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_NAME = "labels.csv"
-STATE_FOLDER = ".fedmeta"
-SECRET_NAME = "site_secret"
 REPORT_NAME = "ingest-report.json"
-SPLITS = ("train", "val", "test")
-TRAIN_PERCENT = 80  # of records (or patients) whose split labels.csv leaves open
-
-
-@dataclass(frozen=True)
-class SkippedFile:
-    file: str  # path relative to the hospital folder, or 'labels.csv line N'
-    reason: str
-    fix: str
 
 
 @dataclass
@@ -327,7 +311,7 @@ def _assemble(
             continue
         seen_instances.add(entry.instance)
         patient_key = keys.patient(row.patient_id) if row and row.patient_id else entry.patient_key
-        split = row.split if row and row.split else _default_split(patient_key or entry.instance)
+        split = row.split if row and row.split else default_split(patient_key or entry.instance)
         kept.append((entry, row.label if row else folder_label, patient_key, split))
         report.decoded += 1
     if manifest is not None:
@@ -352,11 +336,6 @@ def _assemble(
     )
 
 
-def _default_split(key: str) -> str:
-    """Deterministic 80/20 train/test by a hash (patient key when known, so a patient never straddles splits)."""
-    return "train" if int(key[:8], 16) % 100 < TRAIN_PERCENT else "test"
-
-
 def _write_report(cache_dir: Path, report: IngestReport) -> None:
     encoded = report.to_json().encode()
     try:
@@ -364,171 +343,3 @@ def _write_report(cache_dir: Path, report: IngestReport) -> None:
         atomic_write(cache_dir / REPORT_NAME, lambda f: f.write(encoded))
     except OSError:
         logger.warning("the ingest report could not be written to the cache folder")
-
-
-# --- labels.csv -------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LabelRow:
-    line: int
-    label: str
-    patient_id: str | None
-    split: str  # '' when left open
-    problem: tuple[str, str] | None = None  # (reason, fix) when the row cannot label its file
-
-
-@dataclass
-class Manifest:
-    by_file: dict[str, LabelRow]  # relative path -> row; rows are removed as files claim them
-    by_instance: dict[str, LabelRow]  # sha256 of SOP Instance UID -> row; likewise
-    problems: list[SkippedFile]  # rows that name no file or repeat another
-
-    def unmatched(self) -> list[SkippedFile]:
-        """Rows no file claimed, and rows that could not be used at all."""
-        missing = [
-            SkippedFile(path, f"listed in {MANIFEST_NAME} but not found", f"fix line {row.line} or add the file")
-            for path, row in self.by_file.items()
-        ]
-        missing += [
-            SkippedFile(
-                f"{MANIFEST_NAME} line {row.line}",
-                f"listed in {MANIFEST_NAME} but no file has this SOP Instance UID",
-                "fix the UID or add the file",
-            )
-            for row in self.by_instance.values()
-        ]
-        return missing + self.problems
-
-
-def read_manifest(path: Path) -> Manifest | None:
-    """The parsed ``labels.csv``, or None without one; a manifest that cannot be used at all is an error."""
-    if not path.exists():
-        return None
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            columns = {(name or "").strip().lower() for name in reader.fieldnames or ()}
-            if {"file", "path"} <= columns:
-                raise UserError(f"{MANIFEST_NAME} has both a 'file' and a 'path' column (the same thing); keep one")
-            if "label" not in columns or not columns & {"file", "path", "sop_instance_uid"}:
-                raise UserError(
-                    f"{MANIFEST_NAME} needs a 'label' column and a 'file' (or 'path') or 'sop_instance_uid' column; "
-                    "add them to its header row"
-                )
-            manifest = Manifest({}, {}, [])
-            for raw in reader:
-                row = {(key or "").strip().lower(): (value or "").strip() for key, value in raw.items()}
-                if "path" in row:  # a common name for the file column
-                    row["file"] = row.pop("path")
-                _add_row(manifest, reader.line_num, row)
-    except (OSError, UnicodeDecodeError, csv.Error):
-        raise UserError(f"{MANIFEST_NAME} could not be read as UTF-8 CSV; save it as CSV with a header row") from None
-    return manifest
-
-
-def _add_row(manifest: Manifest, line: int, row: dict[str, Any]) -> None:
-    where = f"{MANIFEST_NAME} line {line}"
-    problem: tuple[str, str] | None = None
-    if not row.get("label"):
-        problem = (f"{where} has no label", f"fill in the label on line {line}")
-    elif row.get("split", "").lower() not in ("", *SPLITS):
-        problem = (f"{where}: split must be train, val, test or empty", f"fix the split on line {line}")
-    split = row.get("split", "").lower()
-    label_row = LabelRow(line, row.get("label", ""), row.get("patient_id") or None, split, problem)
-
-    if row.get("file"):
-        relpath = posixpath.normpath(row["file"].replace("\\", "/"))
-        if relpath.startswith(("/", "../")) or relpath == "..":
-            manifest.problems.append(
-                SkippedFile(where, "file is not a path inside the hospital folder", "use a path relative to the folder")
-            )
-            return
-        table, key = manifest.by_file, relpath
-    elif row.get("sop_instance_uid"):
-        table, key = manifest.by_instance, hashlib.sha256(row["sop_instance_uid"].encode()).hexdigest()
-    else:
-        manifest.problems.append(SkippedFile(where, "the row names no file", "fill in file or sop_instance_uid"))
-        return
-    if key in table:
-        manifest.problems.append(SkippedFile(where, f"repeats line {table[key].line}", "keep one row per file"))
-        return
-    table[key] = label_row
-
-
-# --- the site secret and keyed hashes ---------------------------------------------------------------------------
-
-
-class SiteKeys:
-    """HMAC-SHA256 with the site secret: stable at this site, meaningless anywhere else."""
-
-    def __init__(self, secret: bytes) -> None:
-        self._secret = secret
-
-    def _keyed(self, purpose: str, value: str) -> str:
-        return hmac.new(self._secret, f"{purpose}\0{value}".encode(), hashlib.sha256).hexdigest()
-
-    def patient(self, patient_id: str) -> str:
-        return self._keyed("patient", patient_id)
-
-    def file(self, relpath: str) -> str:
-        return self._keyed("file", relpath)[:32]
-
-    def cache_namespace(self, preprocess: PreprocessConfig) -> str:
-        return self._keyed("cache", f"{preprocess.fingerprint()} {decoder_versions()}")[:32]
-
-
-def site_secret(folder: Path, cache_dir: Path) -> bytes:
-    """The site's HMAC key: read, or created once (mode 0600) in HOSPITAL/.fedmeta, else in the cache folder."""
-    places = (folder / STATE_FOLDER / SECRET_NAME, cache_dir / SECRET_NAME)
-    for path in places:
-        if path.exists():
-            return _read_secret(path)
-    for path in places:
-        try:
-            return _create_secret(path)
-        except OSError:
-            continue
-    raise UserError(
-        f"cannot create the site secret in HOSPITAL/{STATE_FOLDER} or in the cache folder; "
-        "make the hospital folder writable or pass a writable cache folder"
-    )
-
-
-def _read_secret(path: Path) -> bytes:
-    try:
-        secret = bytes.fromhex(path.read_text().strip())
-    except (OSError, ValueError):
-        secret = b""
-    if len(secret) != 32:
-        raise UserError(
-            f"the site secret ({path.name}) is damaged; restore it from backup (deleting it re-keys every patient)"
-        )
-    return secret
-
-
-def write_site_secret(folder: Path, secret: bytes) -> None:
-    """Give a hospital folder that we create ourselves (a simulated one) a chosen secret instead of a random one.
-
-    A simulation derives it from its seed so that splits repeat from run to run; a real hospital's secret is
-    random, drawn on first use, because it is what keeps its patients' keys and episode groups unguessable.
-    """
-    if len(secret) != 32:
-        raise ValueError(f"a site secret is 32 bytes, got {len(secret)}")
-    _create_secret(folder / STATE_FOLDER / SECRET_NAME, secret)
-
-
-def _create_secret(path: Path, secret: bytes | None = None) -> bytes:
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    temp = path.with_name(f".tmp-{secrets.token_hex(8)}")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(secret.hex() if secret is not None else secrets.token_hex(32))
-            f.flush()
-            os.fsync(f.fileno())
-        with contextlib.suppress(FileExistsError):
-            os.link(temp, path)  # never replaces a secret that a concurrent ingest created first
-    finally:
-        temp.unlink(missing_ok=True)
-    return _read_secret(path)

@@ -16,7 +16,7 @@ A :class:`TaskDesign` makes more tasks from the same labels, each a switch:
 
 This sampler redraws classes and scans every episode and may reuse a scan across the episodes of
 one step: use it for non-private training and for evaluation. DP training samples episode groups
-(see ``client.hospital.sampled_group_episodes`` and ``client.private_training``).
+(``client.hospital.sampled_group_episodes``; why groups, in ``client.privacy``).
 """
 
 from __future__ import annotations

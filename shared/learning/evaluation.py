@@ -15,10 +15,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from shared.config import FedMetaConfig
+from shared.config import FedMetaConfig, ModelConfig
 from shared.data.hospital_folder import HospitalData
 from shared.learning.episodes import EpisodeError
 from shared.learning.maml import MetaLearner, Params
+from shared.learning.models import build_model
 
 
 @dataclass(frozen=True)
@@ -61,9 +62,9 @@ def few_shot_tasks(
     return out
 
 
-def hospital_tasks(data: HospitalData, cfg: FedMetaConfig, seed: int) -> list[FewShotTask]:
+def hospital_tasks(data: HospitalData, cfg: FedMetaConfig) -> list[FewShotTask]:
     """A hospital's evaluation tasks under a run's settings: episode.eval-episodes tasks of model.n-way classes,
-    episode.k-shot labelled train scans per class, the test split as queries."""
+    episode.k-shot labelled train scans per class, the test split as queries, drawn from the run's seed."""
     episode = cfg.episode
     return few_shot_tasks(
         data.split("train").labels,
@@ -71,64 +72,139 @@ def hospital_tasks(data: HospitalData, cfg: FedMetaConfig, seed: int) -> list[Fe
         cfg.model.n_way,
         episode.k_shot,
         episode.eval_episodes,
-        seed,
+        cfg.seed,
     )
 
 
+@dataclass(frozen=True)
+class FewShotProtocol:
+    """How fedmeta answers "does the meta-model help this hospital?", wherever it is asked: the server's held-out
+    evaluation and comparison, ``fedmeta adapt`` and ``bench quality``. On the same shots:
+
+    * ``meta``: the meta-model after its inner loop, ``inner_steps`` SGD steps at the meta-learned or configured
+      inner rates (``episode.eval-steps``);
+    * ``meta+fine-tune``: the meta-model, ``fine_tune_steps`` full-batch Adam steps on every parameter at
+      ``fine_tune_lr``;
+    * ``scratch``: a fresh model (:meth:`fresh_init`) trained the same way at ``scratch_lr``, what the hospital
+      has without fedmeta.
+
+    ``fedmeta adapt`` chooses between these recipes (and both Adam rates for either start) by cross-validation on
+    the shots. Intervals: over several tasks, the mean per-task difference with a normal 95% interval
+    (:func:`paired_gain`); within one task, a class-stratified paired bootstrap over its test scans
+    (:func:`paired_bootstrap`).
+    """
+
+    inner_steps: int
+    fine_tune_steps: int = 100
+    fine_tune_lr: float = 1e-3
+    scratch_lr: float = 1e-2
+
+    @classmethod
+    def for_run(cls, cfg: FedMetaConfig) -> FewShotProtocol:
+        return cls(inner_steps=cfg.episode.eval_steps)
+
+    @property
+    def adam_lrs(self) -> tuple[float, ...]:
+        return tuple(sorted({self.fine_tune_lr, self.scratch_lr}))
+
+    @staticmethod
+    def fresh_init(model: ModelConfig, seed: int) -> Params:
+        """A fresh initialisation of ``model``, drawn from ``seed`` without touching the global RNG."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return {n: p.detach().clone() for n, p in build_model(model).named_parameters()}
+
+    @staticmethod
+    def inner_loop(learner: MetaLearner, params: Params, sx: torch.Tensor, sy: torch.Tensor, steps: int) -> Params:
+        """``params`` after ``steps`` inner-loop steps on the shots (parameters the loop leaves alone kept)."""
+        with torch.enable_grad():
+            adapted = learner.adapted_params(params, sx, sy, learner.detached_inner_grads, steps)
+        return {n: adapted.get(n, p).detach() for n, p in params.items()}
+
+    @staticmethod
+    def adam(learner: MetaLearner, init: Params, sx: torch.Tensor, sy: torch.Tensor, steps: int, lr: float) -> Params:
+        """Full-batch Adam on every model parameter, starting from ``init`` (inner rates of Meta-SGD dropped)."""
+        names = [name for name, _ in learner.model.named_parameters()]
+        params = {n: init[n].detach().clone().requires_grad_() for n in names}
+        optimizer = torch.optim.Adam(list(params.values()), lr=lr)
+        with torch.enable_grad():
+            for _ in range(steps):
+                optimizer.zero_grad()
+                F.cross_entropy(learner.logits(params, sx), sy).backward()
+                optimizer.step()
+        return {n: p.detach() for n, p in params.items()}
+
+    def meta_predictions(
+        self,
+        learner: MetaLearner,
+        params: Params,
+        task: FewShotTask,
+        train_images: torch.Tensor,
+        test_images: torch.Tensor,
+        sweep: tuple[int, ...] = (),
+    ) -> dict[str, np.ndarray]:
+        """Query probabilities ``[Q, N]`` of the meta-model's variants on one task: ``meta``, ``meta+fine-tune`` and,
+        for each step count in ``sweep``, ``meta/k=<steps>`` (all inner-loop counts from one run of the loop)."""
+        sx, sy = _shots(task, train_images)
+        queries = test_images[task.query]
+        out: dict[str, np.ndarray] = {}
+        current, done = dict(params), 0
+        for steps in sorted({self.inner_steps, *sweep}):
+            current, done = self.inner_loop(learner, current, sx, sy, steps - done), steps
+            probs = predict(learner, current, queries)
+            if steps in sweep:
+                out[f"meta/k={steps}"] = probs
+            if steps == self.inner_steps:
+                out["meta"] = probs
+        tuned = self.adam(learner, params, sx, sy, self.fine_tune_steps, self.fine_tune_lr)
+        out["meta+fine-tune"] = predict(learner, tuned, queries)
+        return out
+
+    def scratch_predictions(
+        self,
+        learner: MetaLearner,
+        fresh: Params,
+        task: FewShotTask,
+        train_images: torch.Tensor,
+        test_images: torch.Tensor,
+    ) -> np.ndarray:
+        sx, sy = _shots(task, train_images)
+        return predict(
+            learner, self.adam(learner, fresh, sx, sy, self.fine_tune_steps, self.scratch_lr), test_images[task.query]
+        )
+
+
+def _shots(task: FewShotTask, train_images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return train_images[task.support], torch.from_numpy(task.support_y).to(train_images.device)
+
+
+def predict(learner: MetaLearner, params: Params, images: torch.Tensor) -> np.ndarray:
+    with torch.no_grad():
+        return learner.logits(params, images).softmax(-1).cpu().numpy()
+
+
 def few_shot_metrics(
-    learner: MetaLearner,
-    meta_params: Params,
-    data: HospitalData,
-    cfg: FedMetaConfig,
-    steps: int | None = None,
-    seed: int = 0,
+    learner: MetaLearner, meta_params: Params, data: HospitalData, cfg: FedMetaConfig
 ) -> dict[str, float]:
-    """The meta-model's few-shot metrics at a hospital: the inner loop (episode.eval-steps unless ``steps``) on each
-    of its tasks' shots, predictions on the test split, metrics over all tasks' queries together."""
-    steps = cfg.episode.eval_steps if steps is None else steps
+    """The meta-model's few-shot metrics at a hospital (the protocol's ``meta`` on each of its tasks), over all
+    tasks' queries together."""
+    protocol = FewShotProtocol.for_run(cfg)
     device = next(iter(meta_params.values())).device
     train_images = torch.from_numpy(data.split("train").images).to(device)
     test_images = torch.from_numpy(data.split("test").images).to(device)
     probs, truth = [], []
-    for task in hospital_tasks(data, cfg, seed):
-        probs.append(adapt_and_predict(learner, meta_params, task, train_images, test_images, steps))
+    for task in hospital_tasks(data, cfg):
+        sx, sy = _shots(task, train_images)
+        adapted = protocol.inner_loop(learner, meta_params, sx, sy, protocol.inner_steps)
+        probs.append(predict(learner, adapted, test_images[task.query]))
         truth.append(task.query_y)
     return classification_metrics(np.concatenate(truth), np.concatenate(probs))
 
 
-def adapt_and_predict(
-    learner: MetaLearner,
-    params: Params,
-    task: FewShotTask,
-    train_images: torch.Tensor,
-    test_images: torch.Tensor,
-    steps: int,
-) -> np.ndarray:
-    """Query class probabilities ``[Q, N]`` after ``steps`` inner-loop steps on the task's support set."""
-    sx, sy = train_images[task.support], torch.from_numpy(task.support_y).to(train_images.device)
-    with torch.enable_grad():
-        adapted = learner.adapt(params, sx, sy, learner.detached_inner_grads, steps)
-    with torch.no_grad():
-        return adapted(test_images[task.query]).softmax(-1).cpu().numpy()
-
-
-def train_from_scratch(
-    learner: MetaLearner, init: Params, task: FewShotTask, train_images: torch.Tensor, steps: int, lr: float = 1e-2
-) -> Params:
-    """The baseline a hospital has without fedmeta: a fresh model trained on the same shots with Adam."""
-    sy = torch.from_numpy(task.support_y).to(train_images.device)
-    return fine_tune(learner, init, train_images[task.support], sy, steps, lr)
-
-
-def fine_tune(learner: MetaLearner, init: Params, sx: torch.Tensor, sy: torch.Tensor, steps: int, lr: float) -> Params:
-    """Full-batch Adam on every parameter in ``init``, starting from ``init``."""
-    params = {n: p.detach().clone().requires_grad_() for n, p in init.items()}
-    optimizer = torch.optim.Adam(list(params.values()), lr=lr)
-    for _ in range(steps):
-        optimizer.zero_grad()
-        F.cross_entropy(learner.logits(params, sx), sy).backward()
-        optimizer.step()
-    return {n: p.detach() for n, p in params.items()}
+def paired_gain(differences: np.ndarray) -> dict[str, float]:
+    """Mean of paired per-task differences and the half-width of its normal 95% interval."""
+    half = 1.96 * differences.std(ddof=1) / np.sqrt(len(differences)) if len(differences) > 1 else float("nan")
+    return {"mean": float(differences.mean()), "ci95": float(half)}
 
 
 def classification_metrics(y_true: np.ndarray, probs: np.ndarray) -> dict[str, float]:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from safetensors.torch import save
 
-from client.adapt import RUN_CARD, RUN_WEIGHTS, adapt_hospital, load_meta_model
+from client.adapt import adapt_hospital
 from client.adapted_model import save_adapted_model
 from shared.atomic import atomic_write, atomic_write_json
 from shared.config import FedMetaConfig
@@ -29,6 +29,7 @@ from shared.errors import UserError
 from shared.learning.episodes import EpisodeError, EpisodeSampler
 from shared.learning.maml import EpisodeBatch, MetaLearner, Params
 from shared.learning.models import build_model
+from shared.run_folder import META_MODEL, MODEL_CARD_JSON, load_meta_model
 from simulations.data.medmnist import import_medmnist
 
 log = logging.getLogger(__name__)
@@ -75,8 +76,8 @@ def write_run_dir(run_dir: Path, params: Params, cfg: FedMetaConfig, note: str) 
     """A run folder as the server leaves it, as far as ``fedmeta adapt`` reads it: weights and config."""
     run_dir.mkdir(parents=True, exist_ok=True)
     encoded = save({n: p.float().contiguous() for n, p in params.items()})
-    atomic_write(run_dir / RUN_WEIGHTS, lambda f: f.write(encoded))
-    atomic_write_json(run_dir / RUN_CARD, {"config": cfg.to_flat(), "trained_by": note})
+    atomic_write(run_dir / META_MODEL, lambda f: f.write(encoded))
+    atomic_write_json(run_dir / MODEL_CARD_JSON, {"config": cfg.to_flat(), "trained_by": note})
     return run_dir
 
 

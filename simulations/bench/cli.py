@@ -14,6 +14,7 @@ BENCHMARKS: dict[str, str] = {
     "scale": "simulations.bench.scale",
     "adapt": "simulations.bench.adapt",
     "quality": "simulations.bench.quality",
+    "deployment": "simulations.bench.deployment",
 }
 
 

@@ -7,20 +7,31 @@ Settings (``--setting``):
 - ``pneumonia`` / ``retina``: that MedMNIST set split over ``--hospitals + --heldout`` hospitals
   with per-site intensity, contrast, noise, blur and resolution shift; the last ``--heldout`` never train;
 - ``breast-new-task``: retina and pneumonia hospitals train, breast hospitals are held out: a
-  diagnostic task no training hospital has.
+  diagnostic task no training hospital has;
+- ``novel-classes``: label-set shift from one MedMNIST-format ``--npz``. ``--novel-classes N`` classes
+  (drawn from the seed) are held out; each training hospital has its own ``--classes-per-hospital A-B``
+  of the others, each held-out hospital its own A-B with at least one novel class; every hospital has
+  its own prevalence and scanner shift, and for RGB files its own stain shift (the 1-channel model sees
+  it through the reader's BT.601 luma). ``blood-novel-classes`` is this with ``bloodmnist.npz``, 3-4
+  classes per hospital and 2 novel of the 8 blood-cell types. A held-out task is model.n-way of the
+  hospital's classes (2 of 3-4 by default), so about half to two thirds of its tasks contain a class
+  no training hospital ever saw and the rest pair known classes under the hospital's new shift and
+  label set. ``label-sets.json`` in the federation folder lists every hospital's classes.
 
 Every run is ``fedmeta simulate --engine in-process`` (the real ServerApp and ClientApp, minus the
 network). Then, on the same few-shot tasks of each held-out hospital (K labelled train scans per
-class, all its test scans as queries), each trained model is scored after k = 0, 1, 5, 10 inner-loop
-steps and after a longer fine-tune (Adam on every parameter), next to local-only training (a fresh
-model on the same shots). Differences are paired per task against the reference (class-balanced
-FedAvg + fine-tune when it ran), with a normal 95% interval, and per hospital: how many held-out
-hospitals improve on average. The run folders are kept under ``--work-dir``: a rerun reuses finished runs.
+class, all its test scans as queries), each trained model is scored with the one few-shot protocol
+(:class:`~shared.learning.evaluation.FewShotProtocol`) after k = 0, 1, 5, 10 inner-loop steps and after
+its fine-tune, next to local-only training (the protocol's scratch model on the same shots).
+Differences are paired per task against the reference (class-balanced FedAvg + fine-tune when it ran),
+with a normal 95% interval, and per hospital: how many held-out hospitals improve on average. The run
+folders are kept under ``--work-dir``: a rerun reuses finished runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import time
 from dataclasses import dataclass
@@ -37,23 +48,21 @@ from shared.config import FedMetaConfig, parse_assignments
 from shared.data.federation import hospital_name
 from shared.errors import UserError
 from shared.learning.episodes import EpisodeError
-from shared.learning.evaluation import (
-    FewShotTask,
-    adapt_and_predict,
-    classification_metrics,
-    few_shot_tasks,
-    train_from_scratch,
-)
+from shared.learning.evaluation import FewShotProtocol, FewShotTask, classification_metrics, few_shot_tasks, paired_gain
 from shared.learning.maml import MetaLearner, Params
 from shared.learning.models import build_model
-from simulations.data.medmnist import import_medmnist
+from shared.run_folder import META_MODEL
+from simulations.data.medmnist import import_medmnist, import_novel_classes
 from simulations.data.synthetic import write_synthetic_federation
 from simulations.simulate import METHODS, run_simulation, simulation_config
 
-SETTINGS = ("synthetic", "pneumonia", "retina", "breast-new-task")
+SETTINGS = ("synthetic", "pneumonia", "retina", "breast-new-task", "novel-classes", "blood-novel-classes")
+NOVEL_CLASS_SETTINGS = {"novel-classes": None, "blood-novel-classes": "bloodmnist.npz"}  # setting -> preset file
+IMAGES_PER_HOSPITAL = 400
 ADAPT_STEPS = (0, 1, 5, 10)
 LOCAL_ONLY = "local-only"
 REFERENCE = "fedavg/fine-tune"
+VARIANT_NAMES = {"meta+fine-tune": "fine-tune"}
 METRICS = ("balanced-accuracy", "auc", "accuracy")
 DEFAULT_METHODS = "fedavg,fedmeta,fedmeta-first-order,anil,meta-sgd,pretrain-then-meta,centralised"
 
@@ -61,6 +70,22 @@ DEFAULT_METHODS = "fedavg,fedmeta,fedmeta-first-order,anil,meta-sgd,pretrain-the
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--setting", choices=SETTINGS, default="synthetic")
     parser.add_argument("--data-root", type=Path, default=Path("../shared/data/medmnist"), help="MedMNIST .npz folder")
+    parser.add_argument(
+        "--npz",
+        type=Path,
+        default=None,
+        help="novel-classes: a MedMNIST-format .npz (blood-novel-classes: DATA_ROOT/bloodmnist.npz)",
+    )
+    parser.add_argument(
+        "--classes-per-hospital",
+        type=class_range,
+        default=(3, 4),
+        metavar="A-B",
+        help="novel-classes: each hospital's own A to B classes",
+    )
+    parser.add_argument(
+        "--novel-classes", type=int, default=2, metavar="N", help="novel-classes: classes only held-out hospitals have"
+    )
     parser.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated, from {', '.join(METHODS)}")
     parser.add_argument(
         "--privacy", default="none,8", help="comma-separated privacy levels: none (DP off) or a target epsilon"
@@ -71,12 +96,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clients-per-round", type=int, default=6)
     parser.add_argument("--shots", default="5,10", help="comma-separated K (labelled scans per class)")
     parser.add_argument("--eval-tasks", type=int, default=10, help="few-shot tasks per held-out hospital and K")
-    parser.add_argument("--fine-tune-steps", type=int, default=100, help="Adam steps for fine-tune and local-only")
-    parser.add_argument("--fine-tune-lr", type=float, default=1e-3, help="Adam learning rate from a trained model")
-    parser.add_argument("--local-lr", type=float, default=1e-2, help="Adam learning rate from scratch (local-only)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work-dir", type=Path, default=None, help="default: runs/bench-quality-SETTING")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="run settings for every run")
+
+
+def class_range(text: str) -> tuple[int, int]:
+    low, _, high = text.partition("-")
+    try:
+        return int(low), int(high or low)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: write A-B (for example 3-4) or one number") from None
 
 
 @dataclass(frozen=True)
@@ -103,31 +133,61 @@ def prepare_federation(args: argparse.Namespace, work_dir: Path) -> Path | None:
         return None
     federation = work_dir / "federation"
     done = federation / ".complete"
+    recipe = federation_recipe(args)
     if done.exists():
+        if (written := json.loads(done.read_text() or "{}")) != recipe:
+            changed = sorted(k for k in recipe.keys() | written.keys() if recipe.get(k) != written.get(k))
+            raise UserError(
+                f"{work_dir} holds a federation written with other settings ({', '.join(changed)}), and runs "
+                "trained on it; pass a new --work-dir"
+            )
         return federation
     shutil.rmtree(federation, ignore_errors=True)
-    npz = {name: args.data_root / f"{name}mnist.npz" for name in ("pneumonia", "retina", "breast")}
-    missing = [str(p) for p in npz.values() if not p.exists()]
-    if missing:
-        raise UserError(f"{missing[0]} not found; pass --data-root, the folder with the MedMNIST .npz files")
     staging = work_dir / "federation-staging"
     shutil.rmtree(staging, ignore_errors=True)
-    if args.setting == "breast-new-task":
-        import_medmnist(
-            [npz["retina"], npz["pneumonia"]], staging, args.hospitals, "iid", args.seed, max_per_hospital=400
+    if args.setting in NOVEL_CLASS_SETTINGS:
+        preset = NOVEL_CLASS_SETTINGS[args.setting]
+        if args.npz is None and preset is None:
+            raise UserError(f"--setting {args.setting} needs --npz FILE, a MedMNIST-format .npz")
+        import_novel_classes(
+            npz_file(args.npz or args.data_root / preset),
+            staging,
+            args.hospitals,
+            args.heldout,
+            args.classes_per_hospital,
+            args.novel_classes,
+            args.seed,
+            IMAGES_PER_HOSPITAL,
         )
-        import_medmnist([npz["breast"]], staging / "heldout", args.heldout, "iid", args.seed + 1)
+    elif args.setting == "breast-new-task":
+        training = [npz_file(args.data_root / f"{name}mnist.npz") for name in ("retina", "pneumonia")]
+        import_medmnist(training, staging, args.hospitals, "iid", args.seed, max_per_hospital=IMAGES_PER_HOSPITAL)
+        breast = npz_file(args.data_root / "breastmnist.npz")
+        import_medmnist([breast], staging / "heldout", args.heldout, "iid", args.seed + 1)
     else:
         total = args.hospitals + args.heldout
-        import_medmnist([npz[args.setting]], staging / "all", total, "site-shift", args.seed, max_per_hospital=400)
+        npz = npz_file(args.data_root / f"{args.setting}mnist.npz")
+        import_medmnist([npz], staging / "all", total, "site-shift", args.seed, max_per_hospital=IMAGES_PER_HOSPITAL)
         for h in range(total):
             name = hospital_name(h) if h < args.hospitals else f"heldout/{hospital_name(h - args.hospitals)}"
             (staging / name).parent.mkdir(parents=True, exist_ok=True)
             (staging / "all" / hospital_name(h)).rename(staging / name)
         (staging / "all").rmdir()
     staging.rename(federation)
-    done.touch()
+    atomic_write_json(done, recipe)
     return federation
+
+
+def federation_recipe(args: argparse.Namespace) -> dict[str, Any]:
+    """The arguments a MedMNIST setting's federation is written from: a work dir holds one federation."""
+    keys = ("setting", "hospitals", "heldout", "seed", "data_root", "npz", "classes_per_hospital", "novel_classes")
+    return {key: str(value) for key in keys if (value := getattr(args, key, None)) is not None}
+
+
+def npz_file(path: Path) -> Path:
+    if not path.exists():
+        raise UserError(f"{path} not found; pass --data-root (or --npz), the folder (or file) of the MedMNIST .npz")
+    return path
 
 
 def train_models(args: argparse.Namespace, work_dir: Path, federation: Path | None) -> tuple[list[TrainedModel], dict]:
@@ -172,7 +232,7 @@ def train_models(args: argparse.Namespace, work_dir: Path, federation: Path | No
                 "epsilon_max": result["epsilon_max"],
                 "peak_rss_mb": result["peak_rss_mb"],
             }
-            models.append(TrainedModel(name, cfg, load_file(out / "meta-model.safetensors")))
+            models.append(TrainedModel(name, cfg, load_file(out / META_MODEL)))
     return models, runs
 
 
@@ -202,9 +262,9 @@ def evaluate(
     """Per K, per variant: (hospital, scores) of every few-shot task, the same tasks for every variant."""
     scores: dict[int, dict[str, list[tuple[str, dict[str, float]]]]] = {k: {} for k in shots}
     cfg = heldout.cfg
-    torch.manual_seed(args.seed + 1)
+    protocol = FewShotProtocol.for_run(cfg)
     local_learner = MetaLearner(build_model(cfg.model), cfg.maml)
-    fresh_init = local_learner.init_meta_params()
+    fresh = protocol.fresh_init(cfg.model, args.seed)
     learners = {m.name: MetaLearner(build_model(m.cfg.model), m.cfg.maml) for m in models}
     for folder in heldout.folders:
         try:
@@ -221,44 +281,19 @@ def evaluate(
                 print(f"held-out {folder.name}, {k}-shot skipped: {err}", flush=True)
                 continue
             for task in tasks:
-
-                def record(
-                    variant: str, probs: np.ndarray, task: FewShotTask = task, k: int = k, hospital: str = folder.name
-                ) -> None:
-                    scores[k].setdefault(variant, []).append((hospital, task_scores(task, probs)))
-
-                local = train_from_scratch(
-                    local_learner, fresh_init, task, train_x, args.fine_tune_steps, lr=args.local_lr
-                )
-                record(LOCAL_ONLY, adapt_and_predict(local_learner, local, task, train_x, test_x, steps=0))
+                variants = {LOCAL_ONLY: protocol.scratch_predictions(local_learner, fresh, task, train_x, test_x)}
                 for model in models:
-                    learner = learners[model.name]
-                    for steps, probs in inner_loop_predictions(learner, model.params, task, train_x, test_x).items():
-                        record(f"{model.name}/k={steps}", probs)
-                    weights = {n: p for n, p in model.params.items() if n in fresh_init}
-                    tuned = train_from_scratch(
-                        learner, weights, task, train_x, args.fine_tune_steps, lr=args.fine_tune_lr
+                    predictions = protocol.meta_predictions(
+                        learners[model.name], model.params, task, train_x, test_x, sweep=ADAPT_STEPS
                     )
-                    record(f"{model.name}/fine-tune", adapt_and_predict(learner, tuned, task, train_x, test_x, steps=0))
+                    variants |= {
+                        f"{model.name}/{VARIANT_NAMES.get(name, name.removeprefix('meta/'))}": probs
+                        for name, probs in predictions.items()
+                        if name != "meta"  # the headline inner loop is in the sweep
+                    }
+                for variant, probs in variants.items():
+                    scores[k].setdefault(variant, []).append((folder.name, task_scores(task, probs)))
     return scores
-
-
-def inner_loop_predictions(
-    learner: MetaLearner, params: Params, task: FewShotTask, train_x: torch.Tensor, test_x: torch.Tensor
-) -> dict[int, np.ndarray]:
-    """Query probabilities after each of ``ADAPT_STEPS`` inner-loop steps, from one run of the loop."""
-    support_x, support_y = train_x[task.support], torch.from_numpy(task.support_y)
-    current, done, out = dict(params), 0, {}
-    for steps in ADAPT_STEPS:
-        if steps > done:
-            with torch.enable_grad():
-                adapted = learner.adapted_params(
-                    current, support_x, support_y, learner.detached_inner_grads, steps - done
-                )
-            current, done = {**current, **adapted}, steps
-        with torch.no_grad():
-            out[steps] = learner.logits(current, test_x[task.query]).softmax(-1).numpy()
-    return out
 
 
 def summarise(variant_scores: dict[str, list[tuple[str, dict[str, float]]]]) -> dict[str, dict[str, Any]]:
@@ -274,14 +309,13 @@ def summarise(variant_scores: dict[str, list[tuple[str, dict[str, float]]]]) -> 
             pairs = [(h, s[metric] - r[metric]) for (h, s), (_, r) in zip(rows, ref, strict=True) if metric in s]
             if not pairs:
                 continue
-            diffs = np.array([d for _, d in pairs])
+            gain = paired_gain(np.array([d for _, d in pairs]))
             by_hospital: dict[str, list[float]] = {}
             for h, d in pairs:
                 by_hospital.setdefault(h, []).append(d)
             hospital_means = [float(np.mean(v)) for v in by_hospital.values()]
             summary[f"{metric} vs {reference}"] = {
-                "mean": float(diffs.mean()),
-                "ci95": float(1.96 * diffs.std(ddof=1) / np.sqrt(len(diffs))) if len(diffs) > 1 else float("nan"),
+                **gain,
                 "hospitals_improved": int(sum(m > 0 for m in hospital_means)),
                 "hospitals": len(hospital_means),
             }

@@ -20,11 +20,12 @@ from typing import Any
 
 from safetensors.torch import load_file
 
-from server.report import read_metrics
+from server.round_log import read_round_log
 from shared.config import FedMetaConfig
 from shared.data.dicom import PreprocessConfig
 from shared.data.federation import hospital_name
 from shared.data.hospital_folder import load_hospital
+from shared.run_folder import META_MODEL
 from simulations.data.synthetic import write_synthetic_hospital
 from simulations.simulate import run_simulation, simulation_config
 
@@ -73,10 +74,9 @@ def measure(size: int, args: argparse.Namespace, work_dir: Path, federation: Pat
         json=True,
     )
     result = run_simulation(simulation_config(sim_args), size, quiet=True)
-    records = read_metrics(Path(result["run_dir"]))
-    model_bytes = sum(
-        t.numel() * t.element_size() for t in load_file(Path(result["run_dir"]) / "meta-model.safetensors").values()
-    )
+    run_dir = Path(result["run_dir"])
+    records = read_round_log(run_dir)
+    model_bytes = sum(t.numel() * t.element_size() for t in load_file(run_dir / META_MODEL).values())
     later = result["round_seconds"][1:] or result["round_seconds"]
     return {
         "hospitals": size,
@@ -85,8 +85,8 @@ def measure(size: int, args: argparse.Namespace, work_dir: Path, federation: Pat
         "median_round_seconds": round(statistics.median(later), 2),
         "peak_rss_mb": result["peak_rss_mb"],
         "model_bytes": model_bytes,
-        "bytes_up_per_hospital": [r["bytes_up"] / max(1, r["participants"]) for r in records],
-        "bytes_down_per_hospital": [r["bytes_down"] / max(1, r["sampled"]) for r in records],
+        "bytes_up_per_hospital": [r.bytes_up / max(1, r.participants) for r in records],
+        "bytes_down_per_hospital": [r.bytes_down / max(1, r.sampled) for r in records],
     }
 
 

@@ -9,6 +9,10 @@ says, and each task's images are partitioned among its hospitals:
 - ``site-shift``: a uniform split, then per-hospital intensity, contrast, noise, blur and resolution
   changes applied to the pixels before writing, as if each hospital had its own scanner.
 
+:func:`import_novel_classes` writes a label-set-shift federation from one file instead: each hospital
+sees only its own few classes at its own prevalence, under its own scanner (and, for RGB images, stain)
+shift, and the held-out hospitals each have at least one class that no training hospital has.
+
 The npz split is kept in labels.csv (train and val -> ``train``, test -> ``test``), and file names say
 where each image came from (``pneumonia/val/00012.dcm``). Grayscale images are written with a
 LINEAR_EXACT window over the full 8-bit range, so the reader gives back ``stored / 255`` exactly. Each
@@ -22,6 +26,7 @@ import argparse
 import csv
 import io
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -31,8 +36,9 @@ import torch
 import torch.nn.functional as F
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
 
-from shared.data.federation import hospital_name
-from shared.data.hospital_folder import write_site_secret
+from shared.atomic import atomic_write_json
+from shared.data.federation import HELDOUT_FOLDER, hospital_name
+from shared.data.site_keys import write_site_secret
 from shared.errors import UserError
 from simulations.data.dicom_write import ANONYMOUS, write_image
 from simulations.data.synthetic import gaussian_blur, simulated_site_secret
@@ -113,6 +119,30 @@ def site_shift(hospital_index: int, seed: int) -> SiteShift:
     )
 
 
+@dataclass(frozen=True)
+class StainShift:
+    """How one hospital's slide staining and microscope light differ, for RGB images: each channel's optical
+    density is scaled (more or less dye; Beer-Lambert, so intensity ``I -> I ** density``), then multiplied
+    by the illuminant's colour. A single-channel model sees it through the BT.601 luma the DICOM reader
+    computes, as a change of intensity and of contrast between nucleus and cytoplasm."""
+
+    density: tuple[float, ...]  # per R, G, B
+    illuminant: tuple[float, ...]
+
+    def apply(self, images: np.ndarray) -> np.ndarray:
+        """``uint8 [N, H, W, 3]`` -> stained ``uint8 [N, H, W, 3]``."""
+        pixels = np.asarray(self.illuminant) * (images.astype(np.float64) / 255) ** np.asarray(self.density)
+        return np.rint(np.clip(pixels, 0, 1) * 255).astype(np.uint8)
+
+
+def stain_shift(hospital_index: int, seed: int) -> StainShift:
+    rng = np.random.default_rng([seed, hospital_index, 13])
+    return StainShift(
+        density=tuple(float(d) for d in rng.uniform(0.6, 1.6, size=3)),
+        illuminant=tuple(float(g) for g in rng.uniform(0.85, 1.1, size=3)),
+    )
+
+
 def import_medmnist(
     npz_files: list[Path],
     out_dir: Path,
@@ -131,9 +161,7 @@ def import_medmnist(
     tasks = {task.name: task for task in map(load_task, npz_files)}
     assignment = _assign_tasks(list(tasks), hospitals, task_per_hospital)
     folders = [out_dir / hospital_name(h) for h in range(hospitals)]
-    taken = [folder for folder in folders if folder.exists() and any(folder.iterdir())]
-    if taken:
-        raise UserError(f"{taken[0]} already exists and is not empty; choose another --out or remove it")
+    _refuse_written(folders)
     rng = np.random.default_rng(seed)
     for name, task in tasks.items():
         members = [h for h, assigned in enumerate(assignment) if assigned == name]
@@ -141,9 +169,133 @@ def import_medmnist(
         for h, indices in zip(members, parts, strict=True):
             if max_per_hospital is not None and len(indices) > max_per_hospital:
                 indices = np.sort(rng.choice(indices, size=max_per_hospital, replace=False))
-            shift = site_shift(h, seed) if partition == "site-shift" else None
-            _write_hospital(folders[h], task, indices, shift, np.random.default_rng([seed, h, 11]), seed, h)
+            images = task.images[indices]
+            if partition == "site-shift":
+                images = site_shift(h, seed).apply(images, np.random.default_rng([seed, h, 11]))
+            _write_hospital(folders[h], task, indices, images, seed, h)
     return folders
+
+
+@dataclass(frozen=True)
+class NovelClassPlan:
+    """Which classes each hospital has; class ids are the .npz labels."""
+
+    novel: tuple[int, ...]  # in held-out hospitals only
+    training: tuple[tuple[int, ...], ...]
+    heldout: tuple[tuple[int, ...], ...]  # each has at least one novel class
+
+
+def novel_class_plan(
+    classes: Sequence[int],
+    hospitals: int,
+    heldout: int,
+    classes_per_hospital: tuple[int, int],
+    novel_classes: int,
+    seed: int,
+) -> NovelClassPlan:
+    """Draw ``novel_classes`` classes to hold out, then each hospital's own ``A-B`` classes: a training
+    hospital's from the others, a held-out hospital's with at least one novel class (the rest from the
+    novel classes and those some training hospital has)."""
+    low, high = classes_per_hospital
+    known_count = len(classes) - novel_classes
+    if not 1 <= novel_classes < len(classes):
+        raise UserError(
+            f"--novel-classes {novel_classes}: hold out 1 to {len(classes) - 1} of the file's {len(classes)} classes"
+        )
+    if not 2 <= low <= high <= known_count:
+        raise UserError(
+            f"--classes-per-hospital {low}-{high}: a training hospital draws from the {known_count} classes that "
+            f"are not novel and needs 2 or more; choose A-B with 2 <= A <= B <= {known_count}"
+        )
+    if hospitals < 1 or heldout < 1:
+        raise UserError(f"{hospitals} training and {heldout} held-out hospitals: the setting needs at least 1 of each")
+    rng = np.random.default_rng([seed, 12])
+    novel = np.sort(rng.choice(np.asarray(classes), size=novel_classes, replace=False))
+    known = np.setdiff1d(classes, novel)
+
+    def draw(pool: np.ndarray, first: int) -> tuple[int, ...]:
+        rest = rng.choice(np.setdiff1d(pool, [first]), size=int(rng.integers(low, high + 1)) - 1, replace=False)
+        return tuple(sorted(int(c) for c in (first, *rest)))
+
+    # Each hospital's first class cycles through the pool, so every class is used once there are enough hospitals.
+    training = tuple(draw(known, int(known[h % len(known)])) for h in range(hospitals))
+    trained = np.unique(np.concatenate(training))
+    return NovelClassPlan(
+        novel=tuple(int(c) for c in novel),
+        training=training,
+        heldout=tuple(draw(np.union1d(trained, novel), int(novel[h % len(novel)])) for h in range(heldout)),
+    )
+
+
+def label_set_partition(
+    labels: np.ndarray, label_sets: Sequence[tuple[int, ...]], images_per_hospital: int, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """Sorted image indices for each hospital, only of its own classes, no image in two hospitals.
+
+    A hospital's prevalence is half uniform, half Dirichlet(1) over its classes, so every class has at least
+    half its uniform share; a class wanted by more hospitals than it has images is scaled down for all of them.
+    """
+    wanted = []  # per hospital: images wanted of each of its classes
+    for label_set in label_sets:
+        prevalence = 0.5 / len(label_set) + 0.5 * rng.dirichlet(np.ones(len(label_set)))
+        wanted.append(dict(zip(label_set, images_per_hospital * prevalence, strict=True)))
+    parts: list[list[np.ndarray]] = [[] for _ in label_sets]
+    for label in sorted({c for label_set in label_sets for c in label_set}):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        takers = [h for h, shares in enumerate(wanted) if label in shares]
+        demand = np.array([wanted[h][label] for h in takers])
+        counts = np.floor(demand * min(1.0, len(members) / demand.sum())).astype(int)
+        for h, piece in zip(takers, np.split(members, np.cumsum(counts))[:-1], strict=True):
+            parts[h].append(piece)
+    return [np.sort(np.concatenate(part)) for part in parts]
+
+
+def import_novel_classes(
+    npz: Path,
+    out_dir: Path,
+    hospitals: int,
+    heldout: int,
+    classes_per_hospital: tuple[int, int] = (3, 4),
+    novel_classes: int = 2,
+    seed: int = 0,
+    images_per_hospital: int = 400,
+) -> NovelClassPlan:
+    """Write ``out_dir/hospital-NNN`` (training) and ``out_dir/heldout/hospital-NNN`` with the label sets of
+    :func:`novel_class_plan`, each hospital under its own stain (RGB files) and scanner shift, and
+    ``out_dir/label-sets.json`` naming every hospital's classes."""
+    task = load_task(npz)
+    plan = novel_class_plan(np.unique(task.labels), hospitals, heldout, classes_per_hospital, novel_classes, seed)
+    folders = [out_dir / hospital_name(h) for h in range(hospitals)]
+    folders += [out_dir / HELDOUT_FOLDER / hospital_name(h) for h in range(heldout)]
+    _refuse_written(folders)
+    parts = label_set_partition(
+        task.labels, plan.training + plan.heldout, images_per_hospital, np.random.default_rng([seed, 14])
+    )
+    for h, (folder, indices) in enumerate(zip(folders, parts, strict=True)):
+        images = task.images[indices]
+        if images.ndim == 4:
+            images = stain_shift(h, seed).apply(images)
+        images = site_shift(h, seed).apply(images, np.random.default_rng([seed, h, 11]))
+        _write_hospital(folder, task, indices, images, seed, h)
+
+    def names(classes: tuple[int, ...]) -> list[str]:
+        return [task.label_name(c) for c in classes]
+
+    atomic_write_json(
+        out_dir / "label-sets.json",
+        {
+            "novel": names(plan.novel),
+            "training": {hospital_name(h): names(c) for h, c in enumerate(plan.training)},
+            HELDOUT_FOLDER: {hospital_name(h): names(c) for h, c in enumerate(plan.heldout)},
+        },
+    )
+    return plan
+
+
+def _refuse_written(folders: list[Path]) -> None:
+    taken = [folder for folder in folders if folder.exists() and any(folder.iterdir())]
+    if taken:
+        raise UserError(f"{taken[0]} already exists and is not empty; choose another --out or remove it")
 
 
 def _assign_tasks(names: list[str], hospitals: int, task_per_hospital: list[str] | None) -> list[str]:
@@ -179,15 +331,12 @@ def _write_hospital(
     folder: Path,
     task: MedMnistTask,
     indices: np.ndarray,
-    shift: SiteShift | None,
-    rng: np.random.Generator,
+    images: np.ndarray,
     seed: int,
     hospital_index: int,
 ) -> None:
+    """Write ``images`` (the task's images at ``indices``, shifted or not) and their labels.csv."""
     folder.mkdir(parents=True, exist_ok=True)
-    images = task.images[indices]
-    if shift is not None:
-        images = shift.apply(images, rng)
     rows = []
     for index, pixels in zip(indices, images, strict=True):
         source = task.sources[index]

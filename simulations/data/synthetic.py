@@ -45,7 +45,7 @@ from pydicom.uid import (
 
 from shared.config import FedMetaConfig
 from shared.data.federation import HELDOUT_FOLDER, federation_dir, hospital_name
-from shared.data.hospital_folder import write_site_secret
+from shared.data.site_keys import write_site_secret
 from shared.errors import UserError
 from simulations.data.dicom_write import StudyIdentity, write_image
 

@@ -66,7 +66,7 @@ class HeldoutHospitals:
         fresh = protocol.fresh_init(self.cfg.model, self.cfg.seed)
         out: dict[str, dict] = {}
         for i, folder in enumerate(self.folders, 1):
-            log.info("comparing the meta-model with scratch on held-out %s (%d/%d)", folder.name, i, len(self.folders))
+            print(f"fedmeta: held-out {folder.name} ({i}/{len(self.folders)}): meta-model vs scratch", flush=True)
             try:
                 data = self.data(folder)
                 tasks = hospital_tasks(data, self.cfg)

@@ -222,14 +222,22 @@ class MetaGradientStrategy(FedAvg):
 
         Waits up to server.wait-for-nodes-s for server.min-train-nodes of them, but not once every connected
         hospital has refused."""
-        deadline = time.monotonic() + self.cfg.server.wait_for_nodes_s
+        server = self.cfg.server
+        deadline, reported = time.monotonic() + server.wait_for_nodes_s, None
         while True:
             nodes = sorted(int(n) for n in grid.get_node_ids())
             eligible = [n for n in nodes if n not in self.excluded]
-            if len(eligible) >= self.cfg.server.min_train_nodes or time.monotonic() >= deadline:
+            if len(eligible) >= server.min_train_nodes or time.monotonic() >= deadline:
                 break
             if nodes and not eligible:
                 break
+            if len(eligible) != reported:  # a line when the count changes, none while nothing happens
+                reported = len(eligible)
+                print(
+                    f"fedmeta: round {self.record.round} waits for hospitals: {reported} of "
+                    f"server.min-train-nodes={server.min_train_nodes} connected (up to {server.wait_for_nodes_s:g}s)",
+                    flush=True,
+                )
             time.sleep(0.5)
         if not nodes:
             raise NoHospitalCanTrain(

@@ -28,12 +28,16 @@ from shared.flower_processes import (
 
 
 @contextlib.contextmanager
-def simulation_superlink(work_dir: Path) -> Iterator[tuple[int, dict[str, str]]]:
-    """A simulation SuperLink on a free loopback port; yields (port, env for ``flwr``)."""
+def simulation_superlink(work_dir: Path, ray_address: str | None = None) -> Iterator[tuple[int, dict[str, str]]]:
+    """A simulation SuperLink on a free loopback port; yields (port, env for ``flwr``). With ``ray_address``
+    its simulation runs the virtual hospitals on that Ray cluster (``ray.init`` reads ``RAY_ADDRESS``)
+    instead of starting one on this machine."""
     flwr_home = work_dir / "flwr-home"
     port = free_port()
     write_connection(flwr_home, CONNECTION, f"127.0.0.1:{port}", root_certificates=None)
     env = flower_env(flwr_home)
+    # "local": a Ray instance of this run's own, even where `ray start` left a cluster this machine would join
+    env["RAY_ADDRESS"] = ray_address or "local"
     # Virtual hospitals run side by side, one per core: a second intra-op thread each only makes them
     # wait on each other (measured: few-shot evaluation 6.7x slower with 2 threads on a loaded machine).
     env["OMP_NUM_THREADS"] = "1"

@@ -14,14 +14,15 @@ import json
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import psutil
 from tqdm import tqdm
 
 from server.outcome import read_outcome
-from server.round_log import read_round_log
+from server.round_log import mean_metrics, read_round_log
 from shared.config import FedMetaConfig, parse_assignments
 from shared.errors import UserError
 from shared.flower_processes import sigterm_as_interrupt, stop_process_tree
@@ -66,6 +67,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=ENGINES,
         default="flower",
         help="flower: SuperLink + Ray, as a real federation; in-process: the same apps in this process, no network",
+    )
+    parser.add_argument(
+        "--ray-address",
+        metavar="HOST:PORT",
+        help="run the virtual hospitals on this running Ray cluster (flower engine; default: start one here)",
     )
     parser.add_argument("--out", type=Path, default=Path("runs/simulation"), help="run folder (reused: resume)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data, sampling and model")
@@ -170,7 +176,11 @@ def write_hospitals(cfg: FedMetaConfig, hospitals: int, quiet: bool) -> None:
     bar.close()
 
 
-def run_simulation(cfg: FedMetaConfig, hospitals: int, quiet: bool = False, engine: str = "flower") -> dict[str, Any]:
+def run_simulation(
+    cfg: FedMetaConfig, hospitals: int, quiet: bool = False, engine: str = "flower", ray_address: str | None = None
+) -> dict[str, Any]:
+    if ray_address and engine != "flower":
+        raise UserError(f"--ray-address runs Flower's simulation on a Ray cluster; drop --engine {engine}")
     run_dir = Path(cfg.server.out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     log_path = run_dir / FLOWER_LOG
@@ -178,13 +188,13 @@ def run_simulation(cfg: FedMetaConfig, hospitals: int, quiet: bool = False, engi
         write_hospitals(cfg, hospitals, quiet)
     memory = PeakMemory()
     memory.start()
-    progress = progress_bar(cfg.server.rounds, "rounds", "round", initial=len(read_round_log(run_dir)), quiet=quiet)
+    progress = RoundProgress(cfg, quiet)
     try:
         if engine == "in-process":
-            with open(log_path, "a") as log, contextlib.redirect_stdout(log):  # the server's summary
+            with open(log_path, "a") as log, contextlib.redirect_stdout(log), flower_console_to(log):
                 _run_in_process(cfg, hospitals, progress)
         else:
-            _run_on_flower(cfg, hospitals, run_dir, log_path, progress)
+            _run_on_flower(cfg, hospitals, run_dir, log_path, progress, ray_address)
     finally:
         progress.close()
         memory.stop.set()
@@ -214,26 +224,71 @@ def run_simulation(cfg: FedMetaConfig, hospitals: int, quiet: bool = False, engi
     }
 
 
-def _run_on_flower(cfg: FedMetaConfig, hospitals: int, run_dir: Path, log_path: Path, progress: Progress) -> None:
-    federation = {
+@contextlib.contextmanager
+def flower_console_to(log: TextIO) -> Iterator[None]:
+    """Flower's console lines into the run's log while its apps run in this process (the in-process engine),
+    as the Flower engine's go to its log file; the server's summary comes with stdout."""
+    from flwr.common.logger import console_handler
+
+    previous = console_handler.setStream(log)
+    try:
+        yield
+    finally:
+        console_handler.setStream(previous)
+
+
+class RoundProgress:
+    """The rounds written to the run's round log so far, then the held-out comparison that follows them."""
+
+    def __init__(self, cfg: FedMetaConfig, quiet: bool) -> None:
+        self.run_dir, self.rounds, self.quiet = Path(cfg.server.out_dir), cfg.server.rounds, quiet
+        self.heldout = cfg.data.heldout_hospitals
+        self.bar = progress_bar(self.rounds, "rounds", "round", initial=len(read_round_log(self.run_dir)), quiet=quiet)
+        self.announced = False
+
+    def poll(self) -> None:
+        self.bar.update(len(read_round_log(self.run_dir)) - self.bar.n)
+        if self.bar.n >= self.rounds and self.heldout and not (self.announced or self.quiet):
+            self.bar.close()
+            print(
+                f"fedmeta simulate: rounds done; comparing the meta-model with scratch on {self.heldout} held-out "
+                f"hospital{'s' if self.heldout > 1 else ''} (fine-tunes on each of their few-shot tasks)",
+                file=sys.stderr,
+                flush=True,
+            )
+            self.announced = True
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _run_on_flower(
+    cfg: FedMetaConfig,
+    hospitals: int,
+    run_dir: Path,
+    log_path: Path,
+    progress: RoundProgress,
+    ray_address: str | None,
+) -> None:
+    federation: dict[str, Any] = {
         "num-supernodes": hospitals,
         "client-resources-num-cpus": 1,
         "client-resources-num-gpus": 0.0,
-        "init-args-num-cpus": psutil.cpu_count() or 2,
-        "init-args-num-gpus": 0,
     }
-    with simulation_superlink(run_dir) as (_, env):
+    if not ray_address:  # a cluster someone else started has its own resources: Ray refuses them at init
+        federation |= {"init-args-num-cpus": psutil.cpu_count() or 2, "init-args-num-gpus": 0}
+    with simulation_superlink(run_dir, ray_address) as (_, env):
         flwr = flwr_run(cfg.to_flat(), federation, run_dir, env, log_path)
         try:
             while flwr.poll() is None:
                 time.sleep(1.0)
-                progress.update(len(read_round_log(run_dir)) - progress.n)
+                progress.poll()
         finally:
             stop_process_tree(flwr)
-        progress.update(len(read_round_log(run_dir)) - progress.n)
+        progress.poll()
 
 
-def _run_in_process(cfg: FedMetaConfig, hospitals: int, progress: Progress) -> None:
+def _run_in_process(cfg: FedMetaConfig, hospitals: int, progress: RoundProgress) -> None:
     from simulations.inprocess import run_in_process
 
     failure: list[BaseException] = []
@@ -249,19 +304,17 @@ def _run_in_process(cfg: FedMetaConfig, hospitals: int, progress: Progress) -> N
     worker.start()
     while worker.is_alive():
         worker.join(timeout=1.0)
-        progress.update(len(read_round_log(Path(cfg.server.out_dir))) - progress.n)
+        progress.poll()
     if failure:
         raise failure[0]
 
 
 def few_shot_summary(comparison: dict[str, dict]) -> dict[str, dict[str, float]]:
     """Mean over held-out hospitals of each method's few-shot metrics."""
-    summary: dict[str, dict[str, float]] = {}
-    for method in HELDOUT_METHODS:
-        rows = [h[method] for h in comparison.values() if method in h]
-        keys = sorted({k for r in rows for k in r})
-        summary[method] = {k: sum(r[k] for r in rows if k in r) / max(1, sum(k in r for r in rows)) for k in keys}
-    return summary
+    return {
+        method: mean_metrics({name: h[method] for name, h in comparison.items() if method in h})
+        for method in HELDOUT_METHODS
+    }
 
 
 def results_table(result: dict[str, Any]) -> str:
@@ -270,8 +323,8 @@ def results_table(result: dict[str, Any]) -> str:
         f"run folder {result['run_dir']}",
         "",
         "Few-shot on hospitals that never trained: balanced accuracy / AUC on the same shots and scans.",
-        "meta = meta-model after the inner loop; meta+ft = meta-init fine-tuned like scratch; gains are",
-        "paired per task against scratch, mean ± 95% interval.",
+        "meta = meta-model after the inner loop; meta+ft = meta-init fine-tuned with Adam; scratch = a fresh",
+        "model trained with Adam on the same shots; gains are paired per task against scratch, mean ± 95% interval.",
         f"{'hospital':<14}{'meta':>13}{'meta+ft':>13}{'scratch':>13}{'meta gain':>18}{'meta+ft gain':>18}",
     ]
     for name, h in result["heldout"].items():
@@ -303,6 +356,6 @@ def _gain(gain: dict[str, float]) -> str:
 def run(args: argparse.Namespace) -> int:
     cfg = simulation_config(args)
     with sigterm_as_interrupt():  # `kill PID` stops the SuperLink, superexec, simulation and Ray with us
-        result = run_simulation(cfg, args.hospitals, quiet=args.json, engine=args.engine)
+        result = run_simulation(cfg, args.hospitals, args.json, args.engine, args.ray_address)
     print(json.dumps(result, indent=2) if args.json else results_table(result))
     return 0

@@ -7,9 +7,11 @@ import csv
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import tomllib
 from pathlib import Path
@@ -27,6 +29,7 @@ from shared.config import FedMetaConfig, MamlConfig
 from shared.data.dicom import PreprocessConfig, read_dicom
 from shared.data.federation import HELDOUT_FOLDER, hospital_name
 from shared.errors import UserError
+from shared.flower_processes import flower_bin, free_port, wait_for_port
 from shared.learning.evaluation import FewShotProtocol, few_shot_tasks, predict
 from shared.learning.maml import MetaLearner
 from shared.learning.models import build_model
@@ -51,16 +54,6 @@ ADAPTATIONS = ("k=0", "k=1", "k=5", "k=10", "fine-tune")
 SEEDED = ["--hospitals", "2", "--clients-per-round", "2", "--rounds", "3", "--no-dp"]
 SEEDED_SETTINGS = ["--set", *TINY, "data.heldout-hospitals=1"]
 RUN_MARKER = "FEDMETA_TEST_RUN"  # inherited by every process a run starts, however detached
-FLOWER_PROCESSES = ("flower-superlink", "flower-superexec", "flwr-simulation", "flwr-serverapp", "raylet", "gcs_server")
-
-
-def flower_processes() -> set[int]:
-    found = set()
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        cmdline = " ".join(p.info["cmdline"] or [])
-        if any(name in cmdline for name in FLOWER_PROCESSES):
-            found.add(p.info["pid"])
-    return found
 
 
 def test_pyproject_run_config_defaults_are_the_typed_config_defaults() -> None:
@@ -84,19 +77,20 @@ def simulate_command(out: Path, *options: str) -> list[str]:
     return [*command, "--clients-per-round", "2", "--out", str(out), "--json", *options]
 
 
-def simulate_json(out: Path, *options: str) -> dict:
-    """``fedmeta simulate --json`` as a user runs it (see :func:`simulate_command`)."""
+def simulate_json(out: Path, *options: str, marker: str = "") -> dict:
+    """``fedmeta simulate --json`` as a user runs it (see :func:`simulate_command`); every process it starts
+    carries ``marker`` in its environment."""
+    env = {**os.environ, RUN_MARKER: marker}
     done = subprocess.run(
-        simulate_command(out, *options), capture_output=True, text=True, timeout=600, cwd=PROJECT, env=dict(os.environ)
+        simulate_command(out, *options), capture_output=True, text=True, timeout=600, cwd=PROJECT, env=env
     )
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout)
 
 
 def test_simulate_runs_virtual_hospitals_through_flower_and_leaves_no_process_behind(tmp_path: Path) -> None:
-    before = flower_processes()
-    out = tmp_path / "run"
-    result = simulate_json(out, "--set", *TINY, "data.heldout-hospitals=1")
+    out, token = tmp_path / "run", secrets.token_hex(8)
+    result = simulate_json(out, "--set", *TINY, "data.heldout-hospitals=1", marker=token)
     assert result["rounds_completed"] == 2
     assert result["hospitals"] == 3
     assert result["clients_per_round"] == 2
@@ -109,7 +103,34 @@ def test_simulate_runs_virtual_hospitals_through_flower_and_leaves_no_process_be
     assert [r.participants for r in records] == [2, 2]
     assert records[0].bytes_up == records[0].bytes_down  # a gradient per meta-parameter, nothing more
     assert (out / META_MODEL).exists()
-    assert not flower_processes() - before
+    assert not marked_processes(token)  # this run's own, whatever else runs on the machine
+
+
+@pytest.mark.slow
+def test_simulate_runs_its_virtual_hospitals_on_a_ray_cluster_someone_else_started(tmp_path: Path) -> None:
+    port, token = free_port(), secrets.token_hex(8)
+    ray_dir = Path(tempfile.mkdtemp(prefix="fmray-", dir="/tmp"))  # short: Ray's socket paths have a length limit
+    log_path = tmp_path / "ray.log"
+    command = [flower_bin("ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+               "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats",
+               f"--temp-dir={ray_dir}"]  # fmt: skip
+    with open(log_path, "wb") as log:
+        cluster = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                   env={**os.environ, RUN_MARKER: token})  # fmt: skip
+    try:
+        wait_for_port(port, cluster, log_path, timeout_s=300, what="ray start --head")
+        out = tmp_path / "run"
+        result = simulate_json(out, "--ray-address", f"127.0.0.1:{port}", "--set", *TINY, "data.heldout-hospitals=0")
+        assert result["rounds_completed"] == 2 and (out / META_MODEL).exists()
+        drivers = list((ray_dir / "session_latest" / "logs").glob("python-core-driver-*"))
+        assert drivers, "the simulation did not connect to the cluster"
+        assert cluster.poll() is None  # and left it running for its owner
+    finally:
+        os.killpg(cluster.pid, signal.SIGTERM)
+        cluster.wait(timeout=120)
+        for process in marked_processes(token):  # what ray start started, by PID, if SIGTERM left any
+            process.kill()
+        shutil.rmtree(ray_dir, ignore_errors=True)
 
 
 def simulate_args(method: str, **changes: object) -> argparse.Namespace:

@@ -6,9 +6,11 @@ privacy policy (``--policy FILE``, ``--privacy KEY=VALUE`` overrides) in the nod
 port of its own so several hospitals can share a machine. Flower's state (installed app bundles) and
 the SuperNode's log live in ``HOSPITAL/.fedmeta/``.
 
-The SuperNode runs only this hospital's installed fedmeta: its SuperExec finds
-:mod:`client.trusted_app` first on PATH as ``flwr-clientapp``, which refuses a run whose app differs
-before any of it is installed or imported.
+The SuperNode runs only this hospital's installed fedmeta, in one process that stays up: it finds
+:mod:`client.trusted_app` first on PATH as its ``flower-superexec``, which serves every message with the
+installed ClientApp, loaded once, and refuses a run whose app differs before any of it is unpacked. The
+SuperNode is Flower's, run by this module (``python -m client.deploy``) so that it asks the server for
+work every 0.3 s instead of every 3 s.
 
 The SuperLink refuses a key that is not registered, and also, for up to two missed heartbeats
 (about a minute), the key of a client that crashed and has not been noticed gone yet: so a refused
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -47,11 +50,12 @@ from shared.errors import UserError
 from shared.flower_processes import (
     PROJECT_DIR,
     ProcessTree,
-    flower_bin,
     flower_env,
     follow,
     free_port,
     port_is_free,
+    prompt_object_pulls,
+    prompt_sleeps,
     sigterm_as_interrupt,
     stop_process_tree,
     toml_value,
@@ -60,6 +64,9 @@ from shared.flower_processes import (
 ACTIVATION_TIMEOUT_S = 1.5 * HEARTBEAT_PATIENCE * HEARTBEAT_DEFAULT_INTERVAL
 SERVER_WAIT_S = 600.0
 RETRY_PAUSE_S = 5.0
+# Flower 1.42's SuperNode sleeps a fixed 3 s between asks for work and 0.5 s between checks for its reply
+SUPERNODE_SPEEDUP = 10
+SERVER_PULL_RETRY_S = 0.1  # a message's arrays still on their way to the server are asked for again this soon
 # What Flower's SuperNode logs, in the order of a session
 CONNECTED = re.compile(r"SuperNode ID: (\d+)")
 RUN = re.compile(r"\[RUN (\d+)")
@@ -69,7 +76,6 @@ ANSWERS_AGAIN = "Connection successful after"
 GAVE_UP = "Giving up reconnection"
 SUPERNODE_ENDED = "SuperNode terminated gracefully"
 REFUSED = "Failed to activate SuperNode"
-APP_RAISED = "ClientApp raised an exception"
 ASKED = {"train": "asked to train", "evaluate": "asked to evaluate", "query": "asked for its name (roll call)"}
 TLS_FAILED = re.compile(r"\[SSL[^\]]*\][^(]*|SSL/TLS handshake error")
 # an exit is explained by this command, and --insecure by its own warning
@@ -228,7 +234,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def supernode_command(settings: ClientSettings) -> list[str]:
-    command = [flower_bin("flower-supernode"), "--superlink", settings.server]
+    command = [sys.executable, "-m", "client.deploy", "--superlink", settings.server]
     if settings.key is None:
         command.append("--insecure")
     else:
@@ -255,7 +261,6 @@ class SupernodeOutput:
         self.refused = False
         self.gave_up = False
         self.ended = False
-        self.refused_run = False  # since the latest request
         self.tls_error = ""
         self.server_silent = False
         self.run = ""  # the run of the latest request, for the line that says the server stopped answering
@@ -284,17 +289,13 @@ class SupernodeOutput:
         elif REFUSED in line:
             self.refused = True
         elif REFUSED_PREFIX in line:
-            self.refused_run = True
             say(line[line.index(REFUSED_PREFIX) :].removeprefix("fedmeta: "))
-        elif APP_RAISED in line and self.refused_run:
-            return  # how Flower reports the refusal just shown
         elif tls := TLS_FAILED.search(line):  # keep OpenSSL's reason over the generic line
             self.tls_error = max(self.tls_error, tls.group(0).strip(), key=len)
         elif run := RUN.search(line):
             self._run_logged = run.group(1)
         elif received := RECEIVING.search(line):
             self.run, kind = self._run_logged, received.group(1)
-            self.refused_run = False
             self.requests[self.run] += 1
             say(f"run {self.run}, request {self.requests[self.run]}: {ASKED.get(kind, f'a {kind} message')}")
         elif self.gave_up:
@@ -386,3 +387,17 @@ def run_supernode(settings: ClientSettings, env: dict[str, str], log_path: Path)
     if status == 0 and output.node_id is not None:
         return "forgotten"
     raise UserError(f"the Flower SuperNode exited with status {status}; see {log_path}")
+
+
+def supernode_main() -> None:
+    """``python -m client.deploy ARGS``: Flower's ``flower-supernode ARGS``, SUPERNODE_SPEEDUP times as prompt."""
+    from flwr.supernode import start_client_internal
+    from flwr.supernode.cli.flower_supernode import flower_supernode
+
+    prompt_sleeps(start_client_internal, SUPERNODE_SPEEDUP)
+    prompt_object_pulls(start_client_internal, "pull_objects", SERVER_PULL_RETRY_S)
+    flower_supernode()
+
+
+if __name__ == "__main__":
+    supernode_main()

@@ -1,33 +1,46 @@
-"""A hospital runs only the fedmeta it installed: the ClientApp process of ``fedmeta client``.
+"""A hospital runs only the fedmeta it installed, in one process that stays up: the ClientApp executor of
+``fedmeta client``.
 
-A Flower run ships its app as a FAB, and Flower's ``flwr-clientapp`` installs and imports whatever code
-that FAB holds. Flower's own check (``flower-supernode --trusted-entities``) accepts only FABs signed
-through Flower Hub, which a local ``flwr run`` never is. So ``fedmeta client`` pins the app to the
-hospital's own installation instead: the SuperNode's SuperExec starts ``flwr-clientapp`` by name, and
-``fedmeta client`` puts this module first under that name (see :func:`write_task_commands`). It is Flower's
-``flwr-clientapp`` with one step in front of the FAB's installation: the FAB must be byte-identical to the
-FAB this hospital builds itself, with Flower's own builder, from its installed fedmeta. A different FAB
-(other code, another version, an extra file) is refused with an error reply to the server, before
-anything in it is unpacked or imported. Every other kind of task (an agent app, a connector, ...) is
-refused outright.
+A Flower run ships its app as a FAB. Flower's SuperNode starts ``flower-superexec``, which starts one
+``flwr-clientapp`` process per message; that process installs and imports whatever code the FAB holds
+(torch and all: seconds, every message), answers the one message and exits. Flower's own check
+(``flower-supernode --trusted-entities``) accepts only FABs signed through Flower Hub, which a local
+``flwr run`` never is.
+
+So ``fedmeta client`` puts this module first on PATH as ``flower-superexec`` (see
+:func:`write_task_commands`): the SuperNode starts it with the address of its Runtime API, and it ends
+with the SuperNode. It hashes the FAB that Flower's own builder makes from this hospital's installed
+fedmeta, then imports the installed ClientApp, once, then claims the SuperNode's tasks one after another
+and serves each with its own task token the way ``flwr-clientapp`` would, in this process: data, model
+code and libraries stay loaded between messages and rounds. A task whose FAB is not byte-identical to the
+installed one (other code, another version, an extra file) is answered with an error, and nothing of it
+is unpacked or imported; the FAB of an accepted task is not installed either, since the code it holds is
+already running. Every other kind of task (an agent app) is refused, and every other Flower task command
+on that PATH (``flwr-clientapp`` included) refuses to start.
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
+import logging
 import os
 import shlex
 import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from shared.flower_processes import PROJECT_DIR
+from shared.flower_processes import PROJECT_DIR, TASK_POLL_S, prompt_object_pulls
+
+log = logging.getLogger(__name__)
 
 REFUSED_PREFIX = "fedmeta: refused run"
-TASK_COMMANDS = ("flwr-agentapp", "flwr-connector", "flwr-model", "flwr-serverapp", "flwr-simulation")
-
-
-class UntrustedAppError(Exception):
-    """The run's app is not the fedmeta this hospital installed."""
+EXECUTOR_COMMAND = "flower-superexec"
+LOCAL_PULL_RETRY_S = 0.05  # the SuperNode is on this machine
+TASK_COMMANDS = ("flwr-agentapp", "flwr-clientapp", "flwr-connector", "flwr-model", "flwr-serverapp", "flwr-simulation")
 
 
 def installed_files() -> dict[str, Path]:
@@ -54,21 +67,27 @@ def installed_fab_hash() -> str:
     return hashlib.sha256(build_fab_from_files(installed_files())[0]).hexdigest()
 
 
-def check_fab(fab_content: bytes) -> None:
-    received, installed = hashlib.sha256(fab_content).hexdigest(), installed_fab_hash()
+def refusal(task_type: str, fab_content: bytes, installed: str) -> str | None:
+    """Why this hospital does not run the task, or None when it is its installed ClientApp's."""
+    from flwr.supercore.constant import TaskType
+
+    if task_type != TaskType.CLIENT_APP:
+        return f"a hospital runs only its installed ClientApp, not {task_type}"
+    received = hashlib.sha256(fab_content).hexdigest()
     if received != installed:
-        raise UntrustedAppError(
+        return (
             f"its app (FAB sha256 {received[:12]}) is not this hospital's installed fedmeta "
-            f"(sha256 {installed[:12]} of {PROJECT_DIR}); nothing of it was installed or run"
+            f"(sha256 {installed[:12]} of {PROJECT_DIR} when this client started); nothing of it was installed or run"
         )
+    return None
 
 
 def write_task_commands(bin_dir: Path) -> None:
-    """The executables the SuperNode's SuperExec finds first on PATH: this module as ``flwr-clientapp``,
-    a refusal for every other task type."""
+    """The executables the SuperNode finds first on PATH: this module as ``flower-superexec``, a refusal for
+    every task command (nothing but this module starts the hospital's tasks)."""
     bin_dir.mkdir(parents=True, exist_ok=True)
     python = shlex.quote(sys.executable)
-    scripts = {"flwr-clientapp": f'exec {python} -m client.trusted_app "$@"\n'}
+    scripts = {EXECUTOR_COMMAND: f'exec {python} -m client.trusted_app "$@"\n'}
     for name in TASK_COMMANDS:
         scripts[name] = (
             f"echo '{REFUSED_PREFIX}: a hospital runs only its installed ClientApp, not {name}' >&2\nexit 1\n"
@@ -79,24 +98,133 @@ def write_task_commands(bin_dir: Path) -> None:
         path.chmod(0o755)
 
 
-def main() -> None:
-    from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
+@dataclass(frozen=True)
+class RuntimeApi:
+    """The SuperNode's Runtime API, reached as the SuperNode tells its executor."""
+
+    address: str
+    insecure: bool
+    certificates: bytes | None  # None with TLS: the system's root certificates
+
+    def client(self, component: str, token: str | None = None) -> Any:
+        """The executor's own client (no token), or one task's."""
+        from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
+        from flwr.supercore.retry import make_simple_http_retry_invoker
+        from flwr.supercore.runtime import RuntimeHttpClient
+
+        interceptors: list[Any] = [RuntimeVersionHttpInterceptor(component_name=component)]
+        if token is not None:
+            interceptors.append(RuntimeTokenHttpInterceptor(token))
+        return RuntimeHttpClient.from_server_address(
+            server_address=self.address,
+            insecure=self.insecure,
+            root_certificates=self.certificates,
+            interceptors=interceptors,
+            retry_invoker=make_simple_http_retry_invoker(),
+        )
+
+
+def task_heartbeat(client: Any) -> Callable[[], bool]:
+    """Flower's task heartbeat without its SIGINT when the SuperNode no longer knows the task (stopped or
+    expired): that ends a one-task ``flwr-clientapp``, and would end this executor with it."""
+    import httpx
+    from flwr.proto.runtime_pb2 import SendTaskHeartbeatRequest
+
+    request = SendTaskHeartbeatRequest()
+
+    def beat() -> bool:
+        try:
+            client.SendTaskHeartbeat(request)
+        except httpx.HTTPError:
+            return False
+        return True
+
+    return beat
+
+
+def serve_task(client: Any, task_type: str, installed: str, app: Callable[..., Any]) -> None:
+    """One task, served as ``flwr-clientapp`` serves it: by the installed ClientApp, or refused."""
+    from flwr.app import Error, Message
+    from flwr.common.constant import ErrorCode, SubStatus
+    from flwr.supercore.heartbeat import HeartbeatSender
+    from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+
+    heartbeat = HeartbeatSender(task_heartbeat(client))
+    heartbeat.start()
+    message = context = reply = None
+    status, details = SubStatus.FAILED, "the hospital's ClientApp failed; see the hospital's log"
+    try:
+        message, context, run, fab = pull_task_input(client)
+        refused = refusal(task_type, fab.content, installed)
+        if refused is None:
+            reply = app(message=message, context=context)
+            status, details = SubStatus.COMPLETED, ""
+        else:
+            print(f"{REFUSED_PREFIX} {run.run_id}: {refused}", file=sys.stderr, flush=True)
+            reply, details = Message(Error(ErrorCode.INVALID_FAB, refused), reply_to=message), refused
+    except Exception:  # the ClientApp answers its own failures; this is Flower's part failing
+        log.exception("a task failed")
+        if message is not None:
+            reply = Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, details), reply_to=message)
+    try:
+        if reply is not None and context is not None:
+            push_message(client, reply, context)
+    except Exception:
+        log.exception("the reply could not be handed to the SuperNode")
+    finally:
+        heartbeat.stop()
+        push_task_output(client, context, status, details)
+        client.close()
+
+
+def serve(api: RuntimeApi, installed: str, app: Callable[..., Any]) -> None:
+    """Claim the SuperNode's tasks and serve them, one at a time (the SuperNode hands out one at a time)."""
+    import httpx
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest
+    from flwr.supercore.constant import TaskType
     from flwr.supernode.runtime import run_clientapp
 
-    install_from_fab = run_clientapp.install_from_fab
-
-    def install_if_trusted(fab_file: Path | bytes, *args: object, **kwargs: object) -> Path:
-        content = fab_file if isinstance(fab_file, bytes) else Path(fab_file).read_bytes()
+    # a task is claimed as soon as the SuperNode makes it, before the SuperNode has the message's arrays
+    prompt_object_pulls(run_clientapp, "pull_and_inflate_object_from_tree", LOCAL_PULL_RETRY_S)
+    executor = api.client("SuperExec")
+    request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP, TaskType.AGENT_APP])
+    while True:
         try:
-            check_fab(content)
-        except UntrustedAppError as refusal:
-            run_id = run_clientapp.TaskIdentity.run_id
-            print(f"{REFUSED_PREFIX} {run_id}: {refusal}", file=sys.stderr, flush=True)
-            raise
-        return install_from_fab(fab_file, *args, **kwargs)
+            claimed = executor.AcquireTask(request)
+        except httpx.HTTPError as err:  # the SuperNode restarting its API; it ends this process when it exits
+            log.warning("the SuperNode's Runtime API did not answer (%s); asking again", err)
+            time.sleep(1.0)
+            continue
+        if claimed.HasField("task") and claimed.token:
+            serve_task(api.client("flwr-clientapp", claimed.token), claimed.task.type, installed, app)
+        else:
+            time.sleep(TASK_POLL_S)
 
-    run_clientapp.install_from_fab = install_if_trusted
-    flwr_clientapp()
+
+def main() -> None:
+    """``flower-superexec`` as the SuperNode starts it: ``--runtime-api-address``, ``--insecure`` or
+    ``--root-certificates``, ``--parent-pid``."""
+    from flwr.supercore.app_utils import start_parent_process_monitor
+    from flwr.supercore.tls import validate_and_resolve_root_certificates
+
+    parser = argparse.ArgumentParser(prog="flower-superexec (fedmeta's hospital executor)")
+    parser.add_argument("--runtime-api-address", required=True)
+    parser.add_argument("--insecure", action="store_true")
+    parser.add_argument("--root-certificates")
+    parser.add_argument("--parent-pid", type=int)
+    # accepted and ignored: this executor installs nothing, a FAB's dependencies included
+    parser.add_argument("--allow-runtime-dependency-installation", action="store_true")
+    args = parser.parse_args()
+    if args.parent_pid is not None:
+        start_parent_process_monitor(args.parent_pid)  # it raises SIGINT here when the SuperNode is gone
+    try:
+        installed = installed_fab_hash()
+        from client.app import app  # after hashing: the code that runs is the code that was hashed
+
+        certificates = validate_and_resolve_root_certificates(args.root_certificates, args.insecure)
+        serve(RuntimeApi(args.runtime_api_address, args.insecure, certificates), installed, app)
+    except KeyboardInterrupt:
+        pass
 
 
 if __name__ == "__main__":

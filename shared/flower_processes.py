@@ -1,9 +1,10 @@
 """Flower's own processes (SuperLink, SuperNode, ``flwr``) as children we start, follow and stop by PID.
 
-Under them Flower starts more (``flower-superexec``, then ``flwr-serverapp``, ``flwr-clientapp`` or
-``flwr-simulation``), detached in new sessions: Ctrl-C in a terminal reaches only our process, and a
-process whose parent has exited no longer shows in the tree. So every process we start carries a marker
-in its environment, which everything under it inherits, and stopping finds the whole family by it.
+Under them Flower starts more (``flower-superexec``, then ``flwr-serverapp`` or ``flwr-simulation``; at a
+hospital, fedmeta's ClientApp executor as ``flower-superexec``), detached in new sessions: Ctrl-C in a
+terminal reaches only our process, and a process whose parent has exited no longer shows in the tree. So
+every process we start carries a marker in its environment, which everything under it inherits, and
+stopping finds the whole family by it.
 
 In the processes Flower starts for our apps, :func:`quiet_app_output` keeps their output to what matters.
 """
@@ -11,6 +12,7 @@ In the processes Flower starts for our apps, :func:`quiet_app_output` keeps thei
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import re
@@ -24,6 +26,7 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
+from types import ModuleType
 from typing import IO, Any
 
 import psutil
@@ -34,6 +37,8 @@ PROJECT_DIR = Path(__file__).resolve().parents[1]
 CONNECTION = "fedmeta"  # the SuperLink connection our FLWR_HOME/config.toml defines
 TREE_MARKER = "FEDMETA_PROCESS_TREE"
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+# How often an executor asks a Runtime API on its own machine for a task (Flower's SuperExec: every 1 s)
+TASK_POLL_S = 0.1
 
 
 def quiet_app_output() -> None:
@@ -45,6 +50,34 @@ def quiet_app_output() -> None:
     logging.getLogger("flwr").propagate = False
     # ray.init warns unless this is set; the simulation engine starts Ray in the ServerApp's process
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+
+
+class _PromptTime:
+    """The ``time`` module with its ``sleep`` ``factor`` times shorter."""
+
+    def __init__(self, factor: float) -> None:
+        self.factor = factor
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds / self.factor)
+
+
+def prompt_sleeps(module: ModuleType, factor: float) -> None:
+    """``module``'s pauses ``factor`` times shorter, its clock untouched: Flower 1.42 polls with fixed sleeps
+    (the SuperNode 3 s between asks for work, the ServerApp's grid 3 s between pulls of replies)."""
+    module.time = _PromptTime(factor)  # type: ignore[attr-defined]
+
+
+def prompt_object_pulls(module: ModuleType, function: str, first_retry_s: float) -> None:
+    """Flower's ``function`` (``pull_objects`` or ``pull_and_inflate_object_from_tree``) as ``module`` calls it,
+    trying an object that is not there yet again after ``first_retry_s``, doubling up to ten times that, instead
+    of after 1 s doubling up to 10 s. A message reaches its receiver before all its arrays have (they follow
+    one request each), so in Flower 1.42 nearly every pull of a model waits out a first backoff or two."""
+    pull = getattr(module, function)
+    setattr(module, function, functools.partial(pull, initial_backoff=first_retry_s, backoff_cap=10 * first_retry_s))
 
 
 def free_port() -> int:
@@ -76,6 +109,7 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
         FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
         FLWR_TELEMETRY_ENABLED="0",
         RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="0",
+        FLWR_SUPEREXEC_TASK_POLL_INTERVAL=str(TASK_POLL_S),
         # `flwr run --stream` prints the run's log with print(): unbuffered, we see each line as it comes
         PYTHONUNBUFFERED="1",
         PYTHONPATH=os.pathsep.join(filter(None, [str(PROJECT_DIR), env.get("PYTHONPATH")])),

@@ -4,8 +4,9 @@ The K shots per class (drawn from the hospital's train split with the seed) are 
 How to adapt is chosen on them alone, by leave-one-shot-per-class-out cross-validation (fold j holds out
 the j-th shot of every class), among:
 
-* ``inner-loop-<k>``: the meta-training inner loop, k steps (``maml.inner-steps`` and ``episode.eval-steps``);
-* ``fine-tune-lr<lr>``: Adam on every parameter from the meta-model;
+* ``inner-loop-<k>``: the meta-training inner loop, k steps (``maml.inner-steps`` and ``episode.eval-steps``, and 0
+  with ``maml.head-init=prototypes``: the shots' nearest class mean);
+* ``fine-tune-lr<lr>``: Adam on every parameter from the meta-model (with the head its inner loop starts from);
 * ``scratch-lr<lr>``: the same recipe from a fresh initialisation, what the hospital has without fedmeta;
 
 the recipes, step counts and rates of :class:`~shared.learning.evaluation.FewShotProtocol`, the one protocol the
@@ -16,7 +17,9 @@ the best scratch candidate (chosen by the same validation), with bootstrap inter
 their paired difference, on the same test scans. The card, like the model, is a function of the
 meta-model, the hospital's scans, K and the seed alone: the same seed gives the same card. The model's
 head is sized to the hospital's classes: with another number of classes than the meta-model's n-way it
-starts at zero (uniform predictions); the backbone is meta-learned.
+starts at zero (uniform predictions); the backbone is meta-learned. A meta-model trained with
+``maml.head-init`` zero or prototypes starts every candidate but scratch from that head, whatever the number of
+classes: the inner loop and the fine-tune start where meta-training's inner loop did.
 """
 
 from __future__ import annotations
@@ -77,10 +80,10 @@ class Candidate:
 def candidates(cfg: FedMetaConfig, meta_init: Params, fresh_init: Params) -> list[Candidate]:
     protocol = FewShotProtocol.for_run(cfg)
     steps = protocol.fine_tune_steps
-    inner = [
-        Candidate(f"inner-loop-{k}", "inner-loop", meta_init, k)
-        for k in sorted({cfg.maml.inner_steps, protocol.inner_steps} - {0})
-    ]
+    inner_steps = {cfg.maml.inner_steps, protocol.inner_steps} - {0}
+    if cfg.maml.head_init == "prototypes":  # 0 steps is a classifier of its own when the head is made from the shots
+        inner_steps.add(0)
+    inner = [Candidate(f"inner-loop-{k}", "inner-loop", meta_init, k) for k in sorted(inner_steps)]
     fine = [Candidate(f"fine-tune-lr{lr:g}", "fine-tune", meta_init, steps, lr) for lr in protocol.adam_lrs]
     scratch = [Candidate(f"scratch-lr{lr:g}", "scratch", fresh_init, steps, lr) for lr in protocol.adam_lrs]
     return inner + fine + scratch
@@ -92,7 +95,8 @@ def fit(learner: MetaLearner, candidate: Candidate, sx: torch.Tensor, sy: torch.
         adapted = FewShotProtocol.inner_loop(learner, candidate.init, sx, sy, candidate.steps)
         return {name: adapted[name] for name, _ in learner.model.named_parameters()}
     assert candidate.lr is not None
-    return FewShotProtocol.adam(learner, candidate.init, sx, sy, candidate.steps, candidate.lr)
+    train = FewShotProtocol.fine_tune if candidate.kind == "fine-tune" else FewShotProtocol.adam
+    return train(learner, candidate.init, sx, sy, candidate.steps, candidate.lr)
 
 
 def cross_validate(
@@ -134,17 +138,35 @@ def _score(validation: dict[str, float]) -> tuple[float, float]:
     return validation["balanced-accuracy"], -validation["log-loss"]
 
 
+def choose_candidate(
+    learner: MetaLearner, options: list[Candidate], sx: torch.Tensor, sy: torch.Tensor, shots: int
+) -> tuple[Candidate, dict[str, dict[str, float]]]:
+    """The candidate a new hospital deploys (best out-of-fold score on its shots), and every candidate's scores."""
+    validation = cross_validate(learner, options, sx, sy, shots)
+    return max(options, key=lambda c: _score(validation[c.name])), validation
+
+
+HEAD_FROM_SHOTS = {
+    "zero": "zeros at the start of every adaptation (maml.head-init=zero, as in meta-training)",
+    "prototypes": "the shots' class prototypes at the start of every adaptation (maml.head-init=prototypes, "
+    "as in meta-training)",
+}
+
+
 def meta_init_for(meta: MetaModel, classes: int) -> tuple[Params, str]:
     """The meta-parameters with the head sized to ``classes``, and what was done to the head."""
     n_way = meta.cfg.model.n_way
+    made_from_shots = HEAD_FROM_SHOTS.get(meta.cfg.maml.head_init)
     if classes == n_way:
-        return dict(meta.params), "meta-learned (the hospital has as many classes as the meta-model's n-way)"
+        return dict(meta.params), made_from_shots or (
+            "meta-learned (the hospital has as many classes as the meta-model's n-way)"
+        )
     params = dict(meta.params)
     for name in (HEAD_PREFIX + "weight", HEAD_PREFIX + "bias"):
         params[name] = torch.zeros(classes, *params[name].shape[1:])
         if (lr := params.get(INNER_LR_PREFIX + name)) is not None:  # Meta-SGD: each class row gets the mean rate
             params[INNER_LR_PREFIX + name] = lr.mean(0, keepdim=True).expand(classes, *lr.shape[1:]).clone()
-    return params, (
+    return params, made_from_shots or (
         f"re-initialised to zeros: the hospital has {classes} classes and the meta-model is {n_way}-way; "
         "the backbone is the meta-model's"
     )
@@ -183,8 +205,7 @@ def adapt_hospital(
     options = candidates(meta.cfg, meta_init, FewShotProtocol.fresh_init(model_cfg, seed))
 
     sx, sy = torch.from_numpy(train.images[task.support]), torch.from_numpy(task.support_y)
-    validation = cross_validate(learner, options, sx, sy, shots)
-    chosen = max(options, key=lambda c: _score(validation[c.name]))
+    chosen, validation = choose_candidate(learner, options, sx, sy, shots)
     baseline = max((c for c in options if c.kind == "scratch"), key=lambda c: _score(validation[c.name]))
     with intra_op_threads(1):
         modalities = tuple(sorted(data.report.images_by_modality))

@@ -29,6 +29,7 @@ from shared.errors import UserError
 from shared.flower_processes import prompt_object_pulls, prompt_sleeps, quiet_app_output
 from shared.learning.maml import MetaLearner
 from shared.learning.models import build_model
+from shared.learning.pretrained import load_initial_weights
 from shared.run_folder import HELDOUT_COMPARISON, META_MODEL, METRICS
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,8 @@ PRIVACY_UNIT = (
 def initial_state(cfg: FedMetaConfig) -> ServerState:
     torch.manual_seed(cfg.seed)
     params = MetaLearner(build_model(cfg.model), cfg.maml).init_meta_params()
+    if cfg.model.init:
+        params = load_initial_weights(cfg.model, params)
     return ServerState(
         round=0,
         meta_params=params,

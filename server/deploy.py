@@ -119,6 +119,10 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     if args.rounds is not None:
         flat["server.rounds"] = args.rounds
     cfg = FedMetaConfig.from_flat(flat)
+    if cfg.model.init:
+        from shared.learning.pretrained import with_checked_init  # torch: only when a run starts from weights
+
+        cfg = with_checked_init(cfg)
     if args.insecure == (args.certs is not None):
         raise UserError("give --certs DIR (made by `fedmeta certs`), or --insecure for a local trial without TLS")
     min_hospitals = cfg.server.min_train_nodes if args.min_hospitals is None else args.min_hospitals

@@ -78,7 +78,7 @@ def _hospital_epsilons(records: list[RoundRecord]) -> dict[str, list[tuple[int, 
 
 
 def _epsilon_max_cell(record: RoundRecord) -> str:
-    return NO_DP if record.without_dp else _cell(record.epsilon_max, ".2f")
+    return NO_DP if record.epsilon_max is None else _cell(record.epsilon_max, ".2f")
 
 
 def _few_shot_series(records: list[RoundRecord]) -> list[Series]:
@@ -103,7 +103,11 @@ def _few_shot_series(records: list[RoundRecord]) -> list[Series]:
 
 
 def _epsilon_series(records: list[RoundRecord]) -> list[Series]:
-    without = [(r.round, len(w)) for r in records if (w := r.without_dp)]
+    without, so_far = [], set()
+    for record in records:
+        so_far.update(record.without_dp)
+        if so_far:
+            without.append((record.round, len(so_far)))
     hospitals = sorted(_hospital_epsilons(records).items())
     labelled = len(hospitals) <= LABELLED_HOSPITALS
     # a hospital's epsilon only moves in rounds it takes part in: steps, not slopes, between them
@@ -115,7 +119,7 @@ def _epsilon_series(records: list[RoundRecord]) -> list[Series]:
     return [
         (
             "max over hospitals",
-            _points(records, lambda r: None if r.without_dp else r.epsilon_max),
+            _points(records, lambda r: r.epsilon_max),
             {"color": "tab:red", "lw": 2.5},
         ),
         ("site level", _points(records, lambda r: r.site_epsilon), {"color": "k", "ls": "--", "lw": 2}),
@@ -263,7 +267,7 @@ def _epsilon_summary(records: list[RoundRecord]) -> dict[str, Any]:
     epsilons = _hospital_epsilons(records)
     per_hospital = {h: None if h in without else max(v for _, v in epsilons[h]) for h in sorted({*epsilons, *without})}
     maxima = [v for v in per_hospital.values() if v is not None]
-    maxima += [r.epsilon_max for r in records if not r.without_dp and r.epsilon_max is not None]
+    maxima += [r.epsilon_max for r in records if r.epsilon_max is not None]
     site = _points(records, lambda r: r.site_epsilon)
     return {
         "per_hospital": per_hospital,

@@ -7,7 +7,9 @@ against the record's types: a line that does not fit is a :class:`~shared.errors
 line and the fix; only a last line cut short (the server stopped, or is still writing it) is skipped, with a warning.
 
 Hospitals are named as the strategy shows them (their public names). JSON has no infinity: a hospital that released
-without DP has ``epsilon`` null and ``dp`` false, and then ``epsilon_max`` is null (unbounded).
+without DP has ``epsilon`` null and ``dp`` false, and then ``epsilon_max`` is null (unbounded). A line's ``epsilon``
+and ``dp`` hold only the hospitals that released in that round (a line stays the same size however many hospitals
+the federation has); :func:`privacy_so_far` folds them into every hospital's standing.
 """
 
 from __future__ import annotations
@@ -95,9 +97,10 @@ class RoundRecord:
     heldout: dict[str, Metrics] = field(default_factory=dict, metadata=LEFT_OUT_WHEN_EMPTY)
     heldout_mean: Metrics = field(default_factory=dict, metadata=LEFT_OUT_WHEN_EMPTY)
     heldout_worst: Worst | None = field(default=None, metadata=LEFT_OUT_WHEN_EMPTY)
-    epsilon: dict[str, float | None] = field(default_factory=dict)  # cumulative, per hospital; None: no DP
+    # cumulative, per hospital that released this round; None: no DP
+    epsilon: dict[str, float | None] = field(default_factory=dict)
     dp: dict[str, bool] = field(default_factory=dict)
-    epsilon_max: float | None = 0.0
+    epsilon_max: float | None = 0.0  # over every hospital so far; None once one released without DP
     site_epsilon: float | None = None
     seconds: float = 0.0
 
@@ -107,8 +110,32 @@ class RoundRecord:
 
     @property
     def without_dp(self) -> list[str]:
-        """The hospitals that have released without DP (their epsilon is infinite), sorted."""
+        """The hospitals of this round's releases that have released without DP (epsilon infinite), sorted."""
         return sorted(hospital for hospital, dp in self.dp.items() if not dp)
+
+
+@dataclass(frozen=True)
+class PrivacySoFar:
+    """Every hospital's cumulative epsilon (None: released without DP) and whether it always ran DP."""
+
+    epsilon: dict[str, float | None]
+    dp: dict[str, bool]
+
+    @property
+    def without_dp(self) -> list[str]:
+        return sorted(hospital for hospital, dp in self.dp.items() if not dp)
+
+
+def privacy_so_far(records: list[RoundRecord]) -> PrivacySoFar:
+    """The hospitals' privacy standing after ``records``: the last epsilon each reported, and no DP for good once a
+    hospital released without it."""
+    epsilon: dict[str, float | None] = {}
+    dp: dict[str, bool] = {}
+    for record in records:
+        for hospital, ran_dp in record.dp.items():
+            dp[hospital] = ran_dp and dp.get(hospital, True)
+            epsilon[hospital] = record.epsilon.get(hospital) if dp[hospital] else None
+    return PrivacySoFar(epsilon, dp)
 
 
 def mean_metrics(per_hospital: dict[str, Metrics]) -> Metrics:

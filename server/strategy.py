@@ -40,6 +40,7 @@ from server.outcome import RunFailed
 from server.round_log import (
     HEADLINE_METRIC,
     Metrics,
+    PrivacySoFar,
     Refusal,
     Rejection,
     RoundRecord,
@@ -538,13 +539,15 @@ class MetaGradientStrategy(FedAvg):
             record.heldout = {f"heldout/{name}": metrics for name, metrics in evaluated.items()}
             record.heldout_mean = mean_metrics(record.heldout)
             record.heldout_worst = worst_hospital(record.heldout)
-        record.epsilon, record.dp, record.epsilon_max = privacy_fields(
-            {self.label(node): p for node, p in self.privacy.items()}
-        )
+        standing = PrivacySoFar(*privacy_fields({self.label(node): p for node, p in self.privacy.items()}))
+        released = set(record.released)
+        record.epsilon = {h: e for h, e in standing.epsilon.items() if h in released}
+        record.dp = {h: dp for h, dp in standing.dp.items() if h in released}
+        record.epsilon_max = epsilon_max(standing)
         record.seconds = time.monotonic() - self._round_started
         append_round(self.run_dir, record)
         save(self.run_dir, self.state())
-        print(progress_line(record, self.cfg.server.rounds), flush=True)
+        print(progress_line(record, standing, self.cfg.server.rounds), flush=True)
         return MetricRecord(record.heldout_mean) if record.heldout_mean else None
 
     def state(self) -> ServerState:
@@ -563,26 +566,28 @@ class MetaGradientStrategy(FedAvg):
         )
 
 
-def privacy_fields(
-    privacy: dict[str, dict[str, Any]],
-) -> tuple[dict[str, float | None], dict[str, bool], float | None]:
-    """The round record's ``epsilon``, ``dp`` and ``epsilon_max``: a hospital that released without DP has
-    epsilon None and dp False, and then epsilon_max is None (unbounded)."""
+def privacy_fields(privacy: dict[str, dict[str, Any]]) -> tuple[dict[str, float | None], dict[str, bool]]:
+    """Each hospital's epsilon and dp: a hospital that released without DP has epsilon None and dp False."""
     dp = {h: bool(p["dp"]) for h, p in privacy.items()}
-    epsilon = {h: p["epsilon"] if dp[h] else None for h, p in privacy.items()}
-    finite = [e for e in epsilon.values() if e is not None]
-    return epsilon, dp, max(finite, default=0.0) if all(dp.values()) else None
+    return {h: p["epsilon"] if dp[h] else None for h, p in privacy.items()}, dp
 
 
-def epsilon_text(record: RoundRecord) -> str:
+def epsilon_max(standing: PrivacySoFar) -> float | None:
+    """The largest epsilon over the hospitals, None (unbounded) once one released without DP."""
+    if standing.without_dp:
+        return None
+    return max((e for e in standing.epsilon.values() if e is not None), default=0.0)
+
+
+def epsilon_text(standing: PrivacySoFar) -> str:
     """``epsilon max 2.10 (h1)``, or ``epsilon max no DP (1 of 3 hospitals without DP: h2; 2.10 at the others)``."""
-    without = record.without_dp
-    finite = {h: e for h, e in record.epsilon.items() if e is not None}
+    without = standing.without_dp
+    finite = {h: e for h, e in standing.epsilon.items() if e is not None}
     if not without:
         top = max(finite, key=finite.__getitem__, default=None)
         return f"epsilon max {finite[top]:.2f} ({top})" if top is not None else "epsilon max 0.00"
     others = f"; {max(finite.values()):.2f} at the others" if finite else ""
-    counted = f"{len(without)} of {len(record.dp)} hospitals without DP"
+    counted = f"{len(without)} of {len(standing.dp)} hospitals without DP"
     return f"epsilon max no DP ({counted}: {names_text(without)}{others})"
 
 
@@ -592,7 +597,7 @@ def names_text(hospitals: list[str], listed: int = 5) -> str:
     return ", ".join(hospitals[:listed]) + more
 
 
-def progress_line(record: RoundRecord, rounds: int) -> str:
+def progress_line(record: RoundRecord, standing: PrivacySoFar, rounds: int) -> str:
     parts = [f"round {record.round}/{rounds}", f"{record.participants}/{record.sampled} hospitals"]
     for what, hospitals in (
         ("rejected", [r.hospital for r in record.rejected]),
@@ -604,7 +609,7 @@ def progress_line(record: RoundRecord, rounds: int) -> str:
         parts.append(f"query loss {record.query_loss:.3f}")
     if record.heldout_mean:
         parts.append(f"held-out balanced acc {record.heldout_mean.get(HEADLINE_METRIC, float('nan')):.3f}")
-    parts.append(epsilon_text(record))
+    parts.append(epsilon_text(standing))
     if record.site_epsilon is not None:
         parts.append(f"site epsilon {record.site_epsilon:.2f}")
     parts.append(f"{record.seconds:.1f}s")

@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ingest": ("client.ingest", "read a hospital folder of DICOM files into the cache and report what was skipped"),
     "demo-data": ("simulations.data.synthetic", "write synthetic hospital folders of DICOM files"),
     "import-medmnist": ("simulations.data.medmnist", "turn MedMNIST .npz files into hospital folders of DICOM files"),
+    "pretrain": ("simulations.pretrain", "pretrain a backbone on public .npz data that runs start from (model.init)"),
     "adapt": ("client.adapt", "adapt the meta-model to a new hospital from K labelled scans per class"),
     "predict": ("client.predict", "predict labels for DICOM files with an adapted model"),
     "certs": ("shared.certs", "make the CA, the server certificate and one key pair per hospital (offline)"),

@@ -23,6 +23,9 @@ ServerOptimizer = Literal["adam", "sgd"]
 LrSchedule = Literal["constant", "cosine"]
 TaskKind = Literal["class-subsets", "one-vs-rest"]
 PrivacyUnit = Literal["patient", "record"]
+# The head a few-shot task's inner loop starts from: the meta-learned one, zeros, or the support set's
+# class prototypes (Proto-MAML); see shared.learning.maml.
+HeadInit = Literal["learned", "zero", "prototypes"]
 
 
 class ConfigError(UserError, ValueError):
@@ -36,6 +39,8 @@ class ModelConfig:
     image_size: int = 28
     width: int = 32
     n_way: int = 2
+    # a local .safetensors file the meta-model starts from (shared.learning.pretrained); "" for a random start
+    init: str = ""
 
     def __post_init__(self) -> None:
         if self.arch == "conv4" and self.image_size not in (28, 64, 128):
@@ -55,12 +60,18 @@ class MamlConfig:
     meta_sgd: bool = False
     path: ExecutionPath = "auto"
     cuda_graphs: bool = True
+    head_init: HeadInit = "learned"
 
     def __post_init__(self) -> None:
         if self.inner_steps < 0:
             raise ConfigError(f"maml.inner-steps={self.inner_steps}: must be >= 0")
         if self.inner_lr <= 0:
             raise ConfigError(f"maml.inner-lr={self.inner_lr}: must be > 0")
+        if self.head_init == "zero" and self.inner_steps == 0:
+            raise ConfigError(
+                "maml.head-init=zero with maml.inner-steps=0 predicts uniformly and learns nothing; "
+                "set maml.inner-steps >= 1 or another maml.head-init"
+            )
 
 
 @dataclass(frozen=True)
@@ -233,8 +244,9 @@ class FedMetaConfig:
         return self.supervised()
 
     def supervised(self) -> FedMetaConfig:
-        """Plain supervised gradients on class-balanced batches: MAML with no inner loop and fixed labels."""
-        return self.replace(maml={"inner_steps": 0}, episode={"permute_labels": False})
+        """Plain supervised gradients on class-balanced batches: MAML with no inner loop, the model's own head and
+        fixed labels."""
+        return self.replace(maml={"inner_steps": 0, "head_init": "learned"}, episode={"permute_labels": False})
 
     def replace(self, **sections: Any) -> FedMetaConfig:
         """Copy with some fields of some sections changed: ``cfg.replace(maml={"order": "first"})``."""

@@ -9,7 +9,10 @@ stopped with everything under it when the run ends, fails or is interrupted.
 from __future__ import annotations
 
 import contextlib
+import os
+import shlex
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -36,6 +39,7 @@ def simulation_superlink(work_dir: Path, ray_address: str | None = None) -> Iter
     port = free_port()
     write_connection(flwr_home, CONNECTION, f"127.0.0.1:{port}", root_certificates=None)
     env = flower_env(flwr_home)
+    env["PATH"] = os.pathsep.join([str(message_pump_command(work_dir / "bin")), env["PATH"]])
     # "local": a Ray instance of this run's own, even where `ray start` left a cluster this machine would join
     env["RAY_ADDRESS"] = ray_address or "local"
     # Virtual hospitals run side by side, one per core: a second intra-op thread each only makes them
@@ -62,6 +66,16 @@ def simulation_superlink(work_dir: Path, ray_address: str | None = None) -> Iter
             yield port, env
         finally:
             stop_process_tree(superlink)
+
+
+def message_pump_command(bin_dir: Path) -> Path:
+    """``bin_dir`` with ``flwr-simulation``, the name the SuperLink's executor starts, as
+    :mod:`simulations.message_pump`; the SuperLink finds it first on PATH."""
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    command = bin_dir / "flwr-simulation"
+    command.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} -m simulations.message_pump "$@"\n')
+    command.chmod(0o755)
+    return bin_dir
 
 
 def flwr_run(

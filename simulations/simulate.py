@@ -22,20 +22,25 @@ import psutil
 from tqdm import tqdm
 
 from server.outcome import read_outcome
-from server.round_log import mean_metrics, read_round_log
+from server.round_log import mean_metrics, privacy_so_far, read_round_log
 from shared.config import FedMetaConfig, parse_assignments
 from shared.errors import UserError
 from shared.flower_processes import sigterm_as_interrupt, stop_process_tree
-from shared.run_folder import FEDERATION, FLOWER_LOG, HELDOUT_COMPARISON, HOSPITAL_STATE, META_MODEL
+from shared.learning.pretrained import with_checked_init
+from shared.run_folder import FEDERATION, FLOWER_LOG, HELDOUT_COMPARISON, HOSPITAL_STATE, META_MODEL, METRICS
 from simulations.data.synthetic import write_synthetic_federation
 from simulations.launcher import flwr_run, simulation_superlink
 
 HELDOUT_METHODS = ("meta", "meta+fine-tune", "scratch")
-_MAML = {"maml.order": "second", "maml.anil": False, "maml.meta-sgd": False}
+_MAML = {"maml.order": "second", "maml.anil": False, "maml.meta-sgd": False, "maml.head-init": "learned"}
 # Every method is a preset of run settings over the same app; ``--set`` still wins.
 METHODS: dict[str, dict[str, Any]] = {
     "fedmeta": _MAML,
     "fedmeta-first-order": {**_MAML, "maml.order": "first"},
+    # A task's head starts at zero (the zeroing trick) or at its support scans' class prototypes (Proto-MAML):
+    # episode label order costs nothing, and what is meta-trained is what a new hospital fine-tunes.
+    "fedmeta-first-order-zero-head": {**_MAML, "maml.order": "first", "maml.head-init": "zero"},
+    "proto-maml-first-order": {**_MAML, "maml.order": "first", "maml.head-init": "prototypes"},
     "anil": {**_MAML, "maml.anil": True},
     "meta-sgd": {**_MAML, "maml.meta-sgd": True},
     # FedAvg in gradient form (one local step, server Adam): supervised gradients on class-balanced
@@ -107,7 +112,7 @@ def simulation_config(args: argparse.Namespace) -> FedMetaConfig:
         **method,
     }
     flat.update(parse_assignments(args.set, "--set"))
-    cfg = FedMetaConfig.from_flat(flat)
+    cfg = with_checked_init(FedMetaConfig.from_flat(flat))
     if args.method == "centralised":  # everyone every step, as many episodes per step as the federated runs
         meta_batch = max(1, round(cfg.episode.meta_batch * per_round / args.hospitals))
         cfg = cfg.replace(episode={"meta_batch": meta_batch}, server={"fraction_train": 1.0})
@@ -218,7 +223,7 @@ def run_simulation(
         "few_shot": few_shot_summary(comparison),
         "heldout": comparison,
         "epsilon_max": max((r.epsilon_max or 0.0 for r in records), default=0.0),
-        "epsilon": records[-1].epsilon,
+        "epsilon": privacy_so_far(records).epsilon,
         "peak_rss_mb": round(memory.peak / 2**20, 1),
         "round_seconds": [round(r.seconds, 2) for r in records],
     }
@@ -243,11 +248,22 @@ class RoundProgress:
     def __init__(self, cfg: FedMetaConfig, quiet: bool) -> None:
         self.run_dir, self.rounds, self.quiet = Path(cfg.server.out_dir), cfg.server.rounds, quiet
         self.heldout = cfg.data.heldout_hospitals
-        self.bar = progress_bar(self.rounds, "rounds", "round", initial=len(read_round_log(self.run_dir)), quiet=quiet)
+        self.log_size, self.written = -1, 0
+        self.bar = progress_bar(self.rounds, "rounds", "round", initial=self.rounds_written(), quiet=quiet)
         self.announced = False
 
+    def rounds_written(self) -> int:
+        """Rounds in the log, read again only when the log has grown or shrunk (a poll is a ``stat``)."""
+        try:
+            size = (self.run_dir / METRICS).stat().st_size
+        except FileNotFoundError:
+            size = 0
+        if size != self.log_size:
+            self.log_size, self.written = size, len(read_round_log(self.run_dir))
+        return self.written
+
     def poll(self) -> None:
-        self.bar.update(len(read_round_log(self.run_dir)) - self.bar.n)
+        self.bar.update(self.rounds_written() - self.bar.n)
         if self.bar.n >= self.rounds and self.heldout and not (self.announced or self.quiet):
             self.bar.close()
             print(

@@ -16,6 +16,7 @@ from server.round_log import (
     Worst,
     append_round,
     drop_rounds_after,
+    privacy_so_far,
     read_round_log,
 )
 from shared.errors import UserError
@@ -145,3 +146,14 @@ def test_no_log_yet_is_no_rounds(tmp_path: Path) -> None:
     assert read_round_log(tmp_path) == []
     drop_rounds_after(tmp_path, 0)
     assert not (tmp_path / METRICS).exists()
+
+
+def test_privacy_so_far_keeps_each_hospitals_last_epsilon_and_no_dp_for_good() -> None:
+    records = [
+        RoundRecord(1, epsilon={"st-olav": 1.0, "h1": None}, dp={"st-olav": True, "h1": False}, epsilon_max=None),
+        RoundRecord(2, epsilon={"st-olav": 1.5, "h1": 0.5}, dp={"st-olav": True, "h1": True}, epsilon_max=None),
+        RoundRecord(3, epsilon={"h2": 0.7}, dp={"h2": True}, epsilon_max=None),
+    ]
+    standing = privacy_so_far(records)
+    assert standing.epsilon == {"st-olav": 1.5, "h1": None, "h2": 0.7}
+    assert standing.dp == {"st-olav": True, "h1": False, "h2": True} and standing.without_dp == ["h1"]

@@ -17,7 +17,7 @@ from opacus.accountants import RDPAccountant
 from server.app import initial_state, run_federation
 from server.checkpoint import load_latest
 from server.outcome import RunFailed, read_outcome
-from server.round_log import Refusal, Rejection, RoundRecord, read_round_log
+from server.round_log import Refusal, Rejection, RoundRecord, privacy_so_far, read_round_log
 from shared.accounting import AccountingError, check_history
 from shared.config import FedMetaConfig
 from shared.data.federation import federation_dir
@@ -332,6 +332,20 @@ def test_a_hospital_without_dp_is_shown_as_no_dp_in_the_round_line_metrics_and_m
     assert f"| {raw} | no DP (epsilon infinite) |" in markdown
     assert "- max epsilon over hospitals: no DP, infinite (1 of 3 hospitals without DP; 2.1 at the others)" in markdown
     assert (out / EPSILON_PLOT).exists()
+
+
+def test_a_round_line_holds_the_privacy_of_that_rounds_releases_and_the_fold_holds_every_hospital(
+    tmp_path: Path,
+) -> None:
+    cfg = server_config(tmp_path, server={"rounds": 3, "fraction_train": 0.5})
+    grid = crafted_grid(cfg, [crafted(dp_metrics(cfg, epsilon)) for epsilon in (1.0, 2.0, 3.0, 4.0)])
+    run(cfg, grid=grid)
+    records = metrics(cfg)
+    assert all(sorted(r.epsilon) == sorted(r.dp) == r.released and r.sampled == 2 for r in records)
+    standing = privacy_so_far(records)
+    assert set(standing.epsilon) == {h for r in records for h in r.released} and all(standing.dp.values())
+    for r, so_far in ((r, privacy_so_far(records[: r.round])) for r in records):
+        assert r.epsilon_max == max(so_far.epsilon.values())
 
 
 def test_policy_and_budget_refusals_exclude_the_hospital_and_are_reported_with_their_reasons(tmp_path: Path) -> None:

@@ -193,18 +193,28 @@ def test_quality_bench_scores_every_method_on_the_same_tasks_against_fedavg_fine
             str(tmp_path),
             "--set",
             *[s for s in TINY if not s.startswith("maml.")],  # fedavg keeps its own inner-steps=0
+            "server.fraction-evaluate=1.0",
         ]
     )
     result = bench_quality.run(args)
     variants = result["shots"]["5"]
-    expected = {"local-only"} | {f"{m}/{v}" for m in ("fedavg", "fedmeta-first-order") for v in ADAPTATIONS}
+    methods = ("fedavg", "fedmeta-first-order")
+    expected = {"local-only"} | {f"{m}/{v}" for m in methods for v in (*ADAPTATIONS, "deployed")}
     assert set(variants) == expected
+    # the deployed variant is fedmeta adapt's choice on each task's shots
+    picks = result["deployed_choices"]["5"]
+    assert {m: sum(picked.values()) for m, picked in picks.items()} == dict.fromkeys(methods, 3)
+    assert set().union(*picks.values()) <= {"inner-loop", "fine-tune", "scratch"}
     assert {v["tasks"] for v in variants.values()} == {3}
     reference = variants["fedavg/fine-tune"]["balanced-accuracy vs fedavg/fine-tune"]
     assert reference["mean"] == 0.0 and reference["hospitals"] == 1
     assert 0.0 <= variants["fedmeta-first-order/k=10"]["balanced-accuracy"] <= 1.0
     assert set(result["runs"]) == {"fedavg", "fedmeta-first-order"}
-    assert "| fedavg/fine-tune |" in (tmp_path / "quality.md").read_text()
+    table = (tmp_path / "quality.md").read_text()
+    assert "| fedavg/fine-tune |" in table
+    # settings are chosen on the training hospitals' own test splits, reported beside the held-out table
+    assert all(0.0 <= run["training_hospitals"]["balanced-accuracy"] <= 1.0 for run in result["runs"].values())
+    assert "training hospitals' own test splits" in table
 
 
 def test_new_task_setting_holds_out_a_dataset_no_training_hospital_has(tmp_path: Path) -> None:

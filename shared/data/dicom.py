@@ -353,6 +353,16 @@ def _rgb(stack: np.ndarray, ds: Dataset, photometric: str) -> np.ndarray:
     return np.clip(stack / (2 ** int(ds.get("BitsStored") or 8) - 1), 0.0, 1.0)
 
 
+def images_to_model_input(images: np.ndarray, config: PreprocessConfig) -> np.ndarray:
+    """8-bit images outside DICOM (a public ``.npz``: ``[N, H, W]`` gray or ``[N, H, W, 3]`` RGB) as the reader
+    turns a scan without a VOI window into model input: gray by its percentile window, RGB by its bit depth."""
+    if images.ndim == 3:
+        pixels = np.stack([_percentile_window(image.astype(np.float64), config.window_percentiles) for image in images])
+    else:
+        pixels = images / 255.0
+    return _to_model_input(pixels, config)
+
+
 def _to_model_input(pixels: np.ndarray, config: PreprocessConfig) -> np.ndarray:
     if pixels.ndim == 3:
         channels = pixels[:, None].repeat(config.channels, axis=1)

@@ -8,6 +8,8 @@ positive class is its second label name and sensitivity/specificity mean what th
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,8 +85,8 @@ class FewShotProtocol:
 
     * ``meta``: the meta-model after its inner loop, ``inner_steps`` SGD steps at the meta-learned or configured
       inner rates (``episode.eval-steps``);
-    * ``meta+fine-tune``: the meta-model, ``fine_tune_steps`` full-batch Adam steps on every parameter at
-      ``fine_tune_lr``;
+    * ``meta+fine-tune``: the meta-model (with the head a task starts from, ``maml.head-init``),
+      ``fine_tune_steps`` full-batch Adam steps on every parameter at ``fine_tune_lr``;
     * ``scratch``: a fresh model (:meth:`fresh_init`) trained the same way at ``scratch_lr``, what the hospital
       has without fedmeta.
 
@@ -117,9 +119,29 @@ class FewShotProtocol:
     @staticmethod
     def inner_loop(learner: MetaLearner, params: Params, sx: torch.Tensor, sy: torch.Tensor, steps: int) -> Params:
         """``params`` after ``steps`` inner-loop steps on the shots (parameters the loop leaves alone kept)."""
+        return FewShotProtocol.inner_loop_states(learner, params, sx, sy, (steps,))[steps]
+
+    @staticmethod
+    def inner_loop_states(
+        learner: MetaLearner, params: Params, sx: torch.Tensor, sy: torch.Tensor, steps: Collection[int]
+    ) -> dict[int, Params]:
+        """:meth:`inner_loop` for each step count in ``steps``, from one run of the loop. 0 steps is the task's
+        start: ``params`` with the head of ``maml.head-init``."""
+        states = learner.inner_loop(params, sx, sy, learner.detached_inner_grads)
+        out: dict[int, Params] = {}
         with torch.enable_grad():
-            adapted = learner.adapted_params(params, sx, sy, learner.detached_inner_grads, steps)
-        return {n: adapted.get(n, p).detach() for n, p in params.items()}
+            for done, adapted in enumerate(itertools.islice(states, max(steps) + 1)):
+                if done in steps:
+                    out[done] = {n: adapted.get(n, p).detach() for n, p in params.items()}
+        return out
+
+    @staticmethod
+    def fine_tune(
+        learner: MetaLearner, params: Params, sx: torch.Tensor, sy: torch.Tensor, steps: int, lr: float
+    ) -> Params:
+        """:meth:`adam` from the meta-model as a task starts (the head of ``maml.head-init``), so a model meta-trained
+        with a zero or prototype head is fine-tuned from the head it was meta-trained with."""
+        return FewShotProtocol.adam(learner, FewShotProtocol.inner_loop(learner, params, sx, sy, 0), sx, sy, steps, lr)
 
     @staticmethod
     def adam(learner: MetaLearner, init: Params, sx: torch.Tensor, sy: torch.Tensor, steps: int, lr: float) -> Params:
@@ -148,15 +170,14 @@ class FewShotProtocol:
         sx, sy = _shots(task, train_images)
         queries = test_images[task.query]
         out: dict[str, np.ndarray] = {}
-        current, done = dict(params), 0
-        for steps in sorted({self.inner_steps, *sweep}):
-            current, done = self.inner_loop(learner, current, sx, sy, steps - done), steps
-            probs = predict(learner, current, queries)
+        states = self.inner_loop_states(learner, params, sx, sy, {self.inner_steps, *sweep})
+        for steps, adapted in states.items():
+            probs = predict(learner, adapted, queries)
             if steps in sweep:
                 out[f"meta/k={steps}"] = probs
             if steps == self.inner_steps:
                 out["meta"] = probs
-        tuned = self.adam(learner, params, sx, sy, self.fine_tune_steps, self.fine_tune_lr)
+        tuned = self.fine_tune(learner, params, sx, sy, self.fine_tune_steps, self.fine_tune_lr)
         out["meta+fine-tune"] = predict(learner, tuned, queries)
         return out
 

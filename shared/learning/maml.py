@@ -4,6 +4,10 @@ Meta-parameters are a flat ``dict[str, Tensor]``: the model's parameters by name
 Meta-SGD, one learned inner learning rate per adapted parameter under ``inner_lr.<name>``.
 The module is used only as an architecture through ``functional_call``.
 
+A task's inner loop starts from the meta-parameters with the head ``maml.head-init`` names: the meta-learned one,
+zeros (the zeroing trick) or the support set's class prototypes (Proto-MAML). With the last two, the order of an
+episode's labels costs nothing, and the head's own outer-loop gradient is zero (it stays a meta-parameter).
+
 Per-episode outer-loop gradients (what DP clips) come from two execution paths over the same
 inner loop:
 
@@ -18,6 +22,7 @@ inner loop:
 from __future__ import annotations
 
 import copy
+import itertools
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -166,14 +171,32 @@ class MetaLearner:
         steps: int | None = None,
         batched: bool = False,
     ) -> Params:
-        """The inner loop's result: the parameters in ``adapted_names`` after ``steps`` steps (the others
-        stay at ``meta_params``). With ANIL only the head adapts, so the backbone's features are computed once."""
+        """The inner loop's result: :meth:`inner_loop`'s state after ``steps`` steps."""
         steps = self.cfg.inner_steps if steps is None else steps
+        states = self.inner_loop(meta_params, support_x, support_y, inner_grads, batched)
+        return next(itertools.islice(states, steps, None))
+
+    def inner_loop(
+        self,
+        meta_params: Params,
+        support_x: Tensor,
+        support_y: Tensor,
+        inner_grads: InnerGrads,
+        batched: bool = False,
+    ) -> Iterator[Params]:
+        """The parameters in ``adapted_names`` as the task starts, then after each inner-loop step (the others stay
+        at ``meta_params``). A task starts from ``meta_params`` with the head ``maml.head-init`` says, here and
+        nowhere else, so meta-training, evaluation and ``fedmeta adapt`` start alike. With ANIL only the head
+        adapts, so the backbone's features are computed once."""
         features = vmap(self.features) if batched else self.features
         head = vmap(self._head_logits) if batched else self._head_logits
-        adapted = {n: meta_params[n] for n in self.adapted_names}
+        needs_features = self.cfg.anil or self.cfg.head_init == "prototypes"
+        support_features = features(meta_params, support_x) if needs_features else None
+        start = {**meta_params, **self._task_head(meta_params, support_features, support_y)}
+        # Views: the loop's own variables, so the support loss's gradient is partial in each (with a prototype
+        # head, not also through the head's dependence on the backbone it starts from).
+        adapted = {n: start[n].view_as(start[n]) for n in self.adapted_names}
         if self.cfg.anil:
-            support_features = features(meta_params, support_x)
 
             def support_loss(fast: Params) -> Tensor:
                 return _summed_episode_loss(head(fast, support_features), support_y)
@@ -182,10 +205,21 @@ class MetaLearner:
             def support_loss(fast: Params) -> Tensor:
                 return _summed_episode_loss(head(fast, features(fast, support_x)), support_y)
 
-        for _ in range(steps):
+        while True:
+            yield adapted
             grads = inner_grads(support_loss, adapted)
             adapted = {n: p - self._inner_lr(meta_params, n) * grads[n] for n, p in adapted.items()}
-        return adapted
+
+    def _task_head(self, meta_params: Params, support_features: Tensor | None, support_y: Tensor) -> Params:
+        """The head a task's inner loop starts from (with the episode dimension when the inputs have one)."""
+        weight, bias = meta_params[HEAD_PREFIX + "weight"], meta_params[HEAD_PREFIX + "bias"]
+        if self.cfg.head_init == "zero":
+            # leaves of their own, to be differentiated in the inner loop; no outer gradient reaches the meta head
+            weight, bias = (torch.zeros_like(p).requires_grad_(p.requires_grad) for p in (weight, bias))
+        elif self.cfg.head_init == "prototypes":
+            assert support_features is not None
+            weight, bias = prototype_head(support_features, support_y, n_way=weight.shape[-2])
+        return {HEAD_PREFIX + "weight": weight, HEAD_PREFIX + "bias": bias}
 
     def _inner_lr(self, meta_params: Params, name: str) -> Tensor | float:
         return meta_params[INNER_LR_PREFIX + name] if self.cfg.meta_sgd else self.cfg.inner_lr
@@ -258,6 +292,15 @@ class MetaLearner:
             with torch.no_grad():
                 probs.append(adapted(batch.query_x[i]).softmax(-1))
         return torch.stack(probs)
+
+
+def prototype_head(features: Tensor, labels: Tensor, n_way: int) -> tuple[Tensor, Tensor]:
+    """Proto-MAML's head (Triantafillou et al. 2020) from ``[..., S, D]`` features and ``[..., S]`` labels: weight
+    row k is 2 c_k and bias k is -|c_k|^2, with c_k the mean feature of class k's scans (zero for a class with none),
+    so logit k is -|x - c_k|^2 up to a term shared by all classes."""
+    members = (labels.unsqueeze(-1) == torch.arange(n_way, device=labels.device)).to(features.dtype)  # [..., S, N]
+    prototypes = members.transpose(-1, -2) @ features / members.sum(-2).clamp(min=1).unsqueeze(-1)
+    return 2 * prototypes, -prototypes.square().sum(-1)
 
 
 def _summed_episode_loss(logits: Tensor, labels: Tensor) -> Tensor:

@@ -22,7 +22,10 @@ Every run is ``fedmeta simulate --engine in-process`` (the real ServerApp and Cl
 network). Then, on the same few-shot tasks of each held-out hospital (K labelled train scans per
 class, all its test scans as queries), each trained model is scored with the one few-shot protocol
 (:class:`~shared.learning.evaluation.FewShotProtocol`) after k = 0, 1, 5, 10 inner-loop steps and after
-its fine-tune, next to local-only training (the protocol's scratch model on the same shots).
+its fine-tune, next to local-only training (the protocol's scratch model on the same shots), and as
+deployed (``deployed``): what ``fedmeta adapt`` does at a new hospital, the candidate its cross-validation
+on the shots picks (inner loop, fine-tune or scratch), fitted on all shots; ``deployed_choices`` counts
+the kinds it picked.
 Differences are paired per task against the reference (class-balanced FedAvg + fine-tune when it ran),
 with a normal 95% interval, and per hospital: how many held-out hospitals improve on average. The run
 folders are kept under ``--work-dir``: a rerun reuses finished runs.
@@ -32,8 +35,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,13 +47,22 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from client.adapt import candidates, choose_candidate, fit
 from server.heldout import HeldoutHospitals
+from server.round_log import mean_metrics, read_round_log
 from shared.atomic import atomic_write_json
 from shared.config import FedMetaConfig, parse_assignments
 from shared.data.federation import hospital_name
 from shared.errors import UserError
 from shared.learning.episodes import EpisodeError
-from shared.learning.evaluation import FewShotProtocol, FewShotTask, classification_metrics, few_shot_tasks, paired_gain
+from shared.learning.evaluation import (
+    FewShotProtocol,
+    FewShotTask,
+    classification_metrics,
+    few_shot_tasks,
+    paired_gain,
+    predict,
+)
 from shared.learning.maml import MetaLearner, Params
 from shared.learning.models import build_model
 from shared.run_folder import META_MODEL
@@ -63,6 +77,7 @@ ADAPT_STEPS = (0, 1, 5, 10)
 LOCAL_ONLY = "local-only"
 REFERENCE = "fedavg/fine-tune"
 VARIANT_NAMES = {"meta+fine-tune": "fine-tune"}
+DEPLOYED = "deployed"
 METRICS = ("balanced-accuracy", "auc", "accuracy")
 DEFAULT_METHODS = "fedavg,fedmeta,fedmeta-first-order,anil,meta-sgd,pretrain-then-meta,centralised"
 
@@ -96,6 +111,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clients-per-round", type=int, default=6)
     parser.add_argument("--shots", default="5,10", help="comma-separated K (labelled scans per class)")
     parser.add_argument("--eval-tasks", type=int, default=10, help="few-shot tasks per held-out hospital and K")
+    parser.add_argument(
+        "--deployed",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also score each model as fedmeta adapt deploys it (cross-validated choice; the slowest variant)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work-dir", type=Path, default=None, help="default: runs/bench-quality-SETTING")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="run settings for every run")
@@ -226,11 +247,15 @@ def train_models(args: argparse.Namespace, work_dir: Path, federation: Path | No
             cfg = simulation_config(sim_args)
             started = time.perf_counter()
             result = run_simulation(cfg, args.hospitals, quiet=True, engine="in-process")
+            # with --set server.fraction-evaluate > 0: the training hospitals' few-shot metrics on their own test
+            # splits after the last round, the data to choose settings on (never the held-out hospitals')
+            validation = read_round_log(out)[-1].hospitals
             runs[name] = {
                 "seconds": round(time.perf_counter() - started, 1),  # 0 when an earlier run is reused
                 "rounds": result["rounds_completed"],
                 "epsilon_max": result["epsilon_max"],
                 "peak_rss_mb": result["peak_rss_mb"],
+                **({"training_hospitals": mean_metrics(validation)} if validation else {}),
             }
             models.append(TrainedModel(name, cfg, load_file(out / META_MODEL)))
     return models, runs
@@ -256,10 +281,31 @@ def task_scores(task: FewShotTask, probs: np.ndarray) -> dict[str, float]:
     return {k: metrics[k] for k in METRICS if k in metrics}
 
 
+def deployed_predictions(
+    learner: MetaLearner,
+    model: TrainedModel,
+    task: FewShotTask,
+    train_x: torch.Tensor,
+    test_x: torch.Tensor,
+    shots: int,
+    fresh: Params,
+) -> tuple[str, np.ndarray]:
+    """``fedmeta adapt``'s model for the task (its candidates and cross-validated choice): the kind it picked and
+    its query probabilities."""
+    sx, sy = train_x[task.support], torch.from_numpy(task.support_y)
+    chosen, _ = choose_candidate(learner, candidates(model.cfg, model.params, fresh), sx, sy, shots)
+    return chosen.kind, predict(learner, fit(learner, chosen, sx, sy), test_x[task.query])
+
+
 def evaluate(
-    models: list[TrainedModel], heldout: HeldoutHospitals, shots: list[int], args: argparse.Namespace
+    models: list[TrainedModel],
+    heldout: HeldoutHospitals,
+    shots: list[int],
+    args: argparse.Namespace,
+    choices: dict[int, dict[str, Counter[str]]],
 ) -> dict[int, dict[str, list[tuple[str, dict[str, float]]]]]:
-    """Per K, per variant: (hospital, scores) of every few-shot task, the same tasks for every variant."""
+    """Per K, per variant: (hospital, scores) of every few-shot task, the same tasks for every variant; ``choices``
+    gets the kinds of candidate the deployed procedure picked, per K and model."""
     scores: dict[int, dict[str, list[tuple[str, dict[str, float]]]]] = {k: {} for k in shots}
     cfg = heldout.cfg
     protocol = FewShotProtocol.for_run(cfg)
@@ -291,6 +337,11 @@ def evaluate(
                         for name, probs in predictions.items()
                         if name != "meta"  # the headline inner loop is in the sweep
                     }
+                    if args.deployed:
+                        kind, variants[f"{model.name}/{DEPLOYED}"] = deployed_predictions(
+                            learners[model.name], model, task, train_x, test_x, k, fresh
+                        )
+                        choices.setdefault(k, {}).setdefault(model.name, Counter())[kind] += 1
                 for variant, probs in variants.items():
                     scores[k].setdefault(variant, []).append((folder.name, task_scores(task, probs)))
     return scores
@@ -341,7 +392,30 @@ def table(result: dict[str, Any]) -> str:
             improved = f"{bal['hospitals_improved']}/{bal['hospitals']}" if bal else "-"
             lines.append(f"| {variant} | {scores} | {_delta(bal)} | {_delta(auc)} | {improved} |")
         lines.append("")
-    return "\n".join(lines)
+        for model, picked in result["deployed_choices"].get(k, {}).items():
+            kinds = ", ".join(f"{kind} {n}" for kind, n in sorted(picked.items()))
+            lines.append(f"{model}/{DEPLOYED} picked: {kinds} (of {sum(picked.values())} tasks)  ")
+        lines.append("")
+    return "\n".join(lines) + validation_table(result["runs"])
+
+
+def validation_table(runs: dict[str, dict[str, Any]]) -> str:
+    """The training hospitals' own few-shot metrics of each run that recorded them (the protocol's ``meta``)."""
+    rows = [(name, run["training_hospitals"]) for name, run in runs.items() if "training_hospitals" in run]
+    if not rows:
+        return ""
+    lines = [
+        "",
+        "**training hospitals' own test splits** (mean over hospitals, after the last round; choose settings here)",
+        "",
+        "| run | bal. acc. | AUC | acc. |",
+        "|---|---|---|---|",
+    ]
+    for name, m in rows:
+        values = (m.get(k, math.nan) for k in ("balanced-accuracy", "auc", "accuracy"))
+        cells = " | ".join(f"{v:.3f}" if math.isfinite(v) else "-" for v in values)
+        lines.append(f"| {name} | {cells} |")
+    return "\n".join([*lines, ""])
 
 
 def _delta(d: dict[str, float] | None) -> str:
@@ -356,7 +430,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     models, runs = train_models(args, work_dir, federation)
     started = time.perf_counter()
     torch.set_num_threads(1)  # tiny models: a second intra-op thread only adds contention (6x slower under load)
-    scores = evaluate(models, heldout_hospitals(args, work_dir, federation), shots, args)
+    choices: dict[int, dict[str, Counter[str]]] = {}
+    scores = evaluate(models, heldout_hospitals(args, work_dir, federation), shots, args, choices)
     result = {
         "setting": args.setting,
         "hospitals": args.hospitals,
@@ -366,6 +441,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "runs": runs,
         "evaluation_seconds": round(time.perf_counter() - started, 1),
         "shots": {str(k): summarise(v) for k, v in scores.items() if v},
+        "deployed_choices": {str(k): {m: dict(c) for m, c in by_model.items()} for k, by_model in choices.items()},
     }
     atomic_write_json(work_dir / "quality.json", result)
     (work_dir / "quality.md").write_text(table(result))

@@ -12,23 +12,16 @@ from client.adapt import candidates, fit
 from client.privacy import NoiseCalibration, PrivateRelease
 from shared.config import ConfigError, FedMetaConfig, MamlConfig, ModelConfig
 from shared.learning.evaluation import FewShotProtocol, few_shot_tasks, predict
-from shared.learning.maml import INNER_LR_PREFIX, EpisodeBatch, MetaLearner, Params, prototype_head
+from shared.learning.maml import EpisodeBatch, MetaLearner, Params, prototype_head
 from shared.learning.models import BACKBONE_PREFIX, HEAD_PREFIX, build_model
+from tests.test_maml import seeded_learner
 
 N_WAY, K_SHOT, Q_QUERY, EPISODES = 3, 2, 3, 3
 HEAD = (HEAD_PREFIX + "weight", HEAD_PREFIX + "bias")
 
 
 def tiny_learner(dtype: torch.dtype = torch.float64, **maml: object) -> tuple[MetaLearner, Params]:
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(width=8, n_way=N_WAY)).to(dtype)
-    learner = MetaLearner(model, MamlConfig(**{"inner_steps": 2, "inner_lr": 0.3, **maml}))
-    params = learner.init_meta_params()
-    if learner.cfg.meta_sgd:  # distinct learned rates, so a wrong lr gradient cannot hide
-        params = {
-            k: v * (1 + 0.5 * torch.rand_like(v)) if k.startswith(INNER_LR_PREFIX) else v for k, v in params.items()
-        }
-    return learner, params
+    return seeded_learner(N_WAY, 8, dtype, **maml)
 
 
 def random_batch(dtype: torch.dtype = torch.float64) -> EpisodeBatch:

@@ -14,15 +14,21 @@ from shared.learning.models import build_model
 N_WAY, K_SHOT, Q_QUERY, EPISODES = 2, 2, 3, 3
 
 
-def tiny_learner(dtype: torch.dtype = torch.float64, **maml: object) -> tuple[MetaLearner, Params, EpisodeBatch]:
+def seeded_learner(n_way: int, width: int, dtype: torch.dtype, **maml: object) -> tuple[MetaLearner, Params]:
+    """A tiny seeded learner (2 inner steps at 0.3 unless ``maml`` says otherwise) and its meta-parameters."""
     torch.manual_seed(0)
-    model = build_model(ModelConfig(width=4, n_way=N_WAY)).to(dtype)
+    model = build_model(ModelConfig(width=width, n_way=n_way)).to(dtype)
     learner = MetaLearner(model, MamlConfig(**{"inner_steps": 2, "inner_lr": 0.3, **maml}))
     params = learner.init_meta_params()
     if learner.cfg.meta_sgd:  # distinct learned rates, so a wrong lr gradient cannot hide
         params = {
             k: v * (1 + 0.5 * torch.rand_like(v)) if k.startswith(INNER_LR_PREFIX) else v for k, v in params.items()
         }
+    return learner, params
+
+
+def tiny_learner(dtype: torch.dtype = torch.float64, **maml: object) -> tuple[MetaLearner, Params, EpisodeBatch]:
+    learner, params = seeded_learner(N_WAY, 4, dtype, **maml)
     shape = (EPISODES, N_WAY * K_SHOT, 1, 28, 28)
     batch = EpisodeBatch(
         torch.randn(shape, dtype=dtype),

@@ -146,7 +146,7 @@ def choose_candidate(
     return max(options, key=lambda c: _score(validation[c.name])), validation
 
 
-HEAD_FROM_SHOTS = {
+HEAD_PER_TASK = {
     "zero": "zeros at the start of every adaptation (maml.head-init=zero, as in meta-training)",
     "prototypes": "the shots' class prototypes at the start of every adaptation (maml.head-init=prototypes, "
     "as in meta-training)",
@@ -156,9 +156,9 @@ HEAD_FROM_SHOTS = {
 def meta_init_for(meta: MetaModel, classes: int) -> tuple[Params, str]:
     """The meta-parameters with the head sized to ``classes``, and what was done to the head."""
     n_way = meta.cfg.model.n_way
-    made_from_shots = HEAD_FROM_SHOTS.get(meta.cfg.maml.head_init)
+    per_task_head = HEAD_PER_TASK.get(meta.cfg.maml.head_init)
     if classes == n_way:
-        return dict(meta.params), made_from_shots or (
+        return dict(meta.params), per_task_head or (
             "meta-learned (the hospital has as many classes as the meta-model's n-way)"
         )
     params = dict(meta.params)
@@ -166,7 +166,7 @@ def meta_init_for(meta: MetaModel, classes: int) -> tuple[Params, str]:
         params[name] = torch.zeros(classes, *params[name].shape[1:])
         if (lr := params.get(INNER_LR_PREFIX + name)) is not None:  # Meta-SGD: each class row gets the mean rate
             params[INNER_LR_PREFIX + name] = lr.mean(0, keepdim=True).expand(classes, *lr.shape[1:]).clone()
-    return params, made_from_shots or (
+    return params, per_task_head or (
         f"re-initialised to zeros: the hospital has {classes} classes and the meta-model is {n_way}-way; "
         "the backbone is the meta-model's"
     )

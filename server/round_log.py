@@ -111,7 +111,11 @@ class RoundRecord:
     @property
     def without_dp(self) -> list[str]:
         """The hospitals of this round's releases that have released without DP (epsilon infinite), sorted."""
-        return sorted(hospital for hospital, dp in self.dp.items() if not dp)
+        return hospitals_without_dp(self.dp)
+
+
+def hospitals_without_dp(dp: dict[str, bool]) -> list[str]:
+    return sorted(hospital for hospital, ran_dp in dp.items() if not ran_dp)
 
 
 @dataclass(frozen=True)
@@ -123,7 +127,7 @@ class PrivacySoFar:
 
     @property
     def without_dp(self) -> list[str]:
-        return sorted(hospital for hospital, dp in self.dp.items() if not dp)
+        return hospitals_without_dp(self.dp)
 
 
 def privacy_so_far(records: list[RoundRecord]) -> PrivacySoFar:

@@ -302,11 +302,11 @@ def evaluate(
     heldout: HeldoutHospitals,
     shots: list[int],
     args: argparse.Namespace,
-    choices: dict[int, dict[str, Counter[str]]],
-) -> dict[int, dict[str, list[tuple[str, dict[str, float]]]]]:
-    """Per K, per variant: (hospital, scores) of every few-shot task, the same tasks for every variant; ``choices``
-    gets the kinds of candidate the deployed procedure picked, per K and model."""
+) -> tuple[dict[int, dict[str, list[tuple[str, dict[str, float]]]]], dict[int, dict[str, Counter[str]]]]:
+    """Per K, per variant: (hospital, scores) of every few-shot task, the same tasks for every variant; and per K and
+    model, the kinds of candidate the deployed procedure picked."""
     scores: dict[int, dict[str, list[tuple[str, dict[str, float]]]]] = {k: {} for k in shots}
+    choices: dict[int, dict[str, Counter[str]]] = {}
     cfg = heldout.cfg
     protocol = FewShotProtocol.for_run(cfg)
     local_learner = MetaLearner(build_model(cfg.model), cfg.maml)
@@ -344,7 +344,7 @@ def evaluate(
                         choices.setdefault(k, {}).setdefault(model.name, Counter())[kind] += 1
                 for variant, probs in variants.items():
                     scores[k].setdefault(variant, []).append((folder.name, task_scores(task, probs)))
-    return scores
+    return scores, choices
 
 
 def summarise(variant_scores: dict[str, list[tuple[str, dict[str, float]]]]) -> dict[str, dict[str, Any]]:
@@ -430,8 +430,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     models, runs = train_models(args, work_dir, federation)
     started = time.perf_counter()
     torch.set_num_threads(1)  # tiny models: a second intra-op thread only adds contention (6x slower under load)
-    choices: dict[int, dict[str, Counter[str]]] = {}
-    scores = evaluate(models, heldout_hospitals(args, work_dir, federation), shots, args, choices)
+    scores, choices = evaluate(models, heldout_hospitals(args, work_dir, federation), shots, args)
     result = {
         "setting": args.setting,
         "hospitals": args.hospitals,

@@ -40,7 +40,8 @@ METHODS: dict[str, dict[str, Any]] = {
     # A task's head starts at zero (the zeroing trick) or at its support scans' class prototypes (Proto-MAML):
     # episode label order costs nothing, and what is meta-trained is what a new hospital fine-tunes.
     "fedmeta-first-order-zero-head": {**_MAML, "maml.order": "first", "maml.head-init": "zero"},
-    "proto-maml-first-order": {**_MAML, "maml.order": "first", "maml.head-init": "prototypes"},
+    # Inner rate 0.01: from a prototype head, steps at 0.1 overshoot (blood training hospitals: 0.780 vs 0.958)
+    "proto-maml-first-order": {**_MAML, "maml.order": "first", "maml.head-init": "prototypes", "maml.inner-lr": 0.01},
     "anil": {**_MAML, "maml.anil": True},
     "meta-sgd": {**_MAML, "maml.meta-sgd": True},
     # FedAvg in gradient form (one local step, server Adam): supervised gradients on class-balanced

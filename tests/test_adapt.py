@@ -17,7 +17,16 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save
 
-from client.adapt import Candidate, adapt_hospital, class_metrics_note, fit, meta_init_for, summary
+from client.adapt import (
+    Candidate,
+    Validation,
+    adapt_hospital,
+    choose_candidate,
+    class_metrics_note,
+    fit,
+    meta_init_for,
+    summary,
+)
 from client.adapted_model import CARD_FILE, WEIGHTS_FILE, AdaptedModel, load_adapted_model, save_adapted_model
 from client.predict import header_terms, refusal
 from shared.cli import main
@@ -125,14 +134,22 @@ def test_adapt_card_reports_an_honest_paired_comparison_on_a_hospital_that_never
     if validation["chosen"] == heldout["scratch_candidate"]:
         assert all(estimate["value"] == 0 for estimate in difference.values())
 
-    # the choice and the baseline are the best out-of-fold scores, ties broken by lower log-loss
+    # the best meta-model candidate and the baseline are the best out-of-fold scores of their kind, ties broken by
+    # lower log-loss; scratch is deployed only when it beats the meta-model by more than a standard error
     candidates = validation["candidates"]
 
     def score(name: str) -> tuple[float, float]:
         return candidates[name]["balanced-accuracy"], -candidates[name]["log-loss"]
 
-    assert score(validation["chosen"]) == max(map(score, candidates))
+    best_meta, margin = validation["best_meta_candidate"], validation["scratch_minus_meta"]
+    assert score(best_meta) == max(score(n) for n in candidates if not n.startswith("scratch-"))
     assert score(heldout["scratch_candidate"]) == max(score(n) for n in candidates if n.startswith("scratch-"))
+    scratch_wins = margin["mean"] > margin["standard_error"]
+    assert validation["chosen"] == (heldout["scratch_candidate"] if scratch_wins else best_meta)
+    # the per-fold margin averages to the difference of the out-of-fold balanced accuracies (one shot per class a fold)
+    assert margin["mean"] == pytest.approx(
+        candidates[heldout["scratch_candidate"]]["balanced-accuracy"] - candidates[best_meta]["balanced-accuracy"]
+    )
     assert {name.split("-")[0] for name in candidates} == {"inner", "fine", "scratch"}
     assert all(0 <= scores["balanced-accuracy"] <= 1 and scores["log-loss"] > 0 for scores in candidates.values())
 
@@ -148,6 +165,34 @@ def test_adapt_card_reports_an_honest_paired_comparison_on_a_hospital_that_never
     # the new hospital has its own 3 labels; the meta-model is 2-way
     assert card["label_names"] == ["nodule", "normal", "ring"]
     assert card["head"].startswith("re-initialised")
+
+
+def test_adapt_deploys_scratch_only_when_it_beats_the_meta_model_by_more_than_a_standard_error() -> None:
+    fine, inner, scratch = (
+        Candidate("fine-tune-lr0.001", "fine-tune", {}, 100, 1e-3),
+        Candidate("inner-loop-5", "inner-loop", {}, 5),
+        Candidate("scratch-lr0.01", "scratch", {}, 100, 1e-2),
+    )
+
+    def validation(scratch_folds: list[float]) -> Validation:
+        folds = {
+            fine.name: [0.5, 1.0, 0.5, 1.0, 0.5],
+            inner.name: [0.5, 0.5, 0.5, 0.5, 0.5],
+            scratch.name: scratch_folds,
+        }
+        return Validation(
+            scores={n: {"balanced-accuracy": float(np.mean(f)), "log-loss": 0.5} for n, f in folds.items()},
+            fold_accuracy={n: np.array(f) for n, f in folds.items()},
+        )
+
+    # scratch's better out-of-fold score (0.8 vs 0.7) is two folds won and one lost: the meta-model's best stays
+    noisy = validation([1.0, 1.0, 1.0, 0.5, 0.5])
+    assert noisy.best([fine, inner, scratch]) is scratch
+    assert choose_candidate([fine, inner, scratch], noisy) is fine
+    # better on every fold where they differ, by more than the standard error of the difference: scratch
+    clear = validation([1.0, 1.0, 1.0, 1.0, 1.0])
+    assert clear.margin(scratch, fine)["mean"] > clear.margin(scratch, fine)["standard_error"]
+    assert choose_candidate([fine, inner, scratch], clear) is scratch
 
 
 def test_adapt_with_the_same_seed_writes_the_same_card_and_weights(

@@ -199,12 +199,21 @@ def test_quality_bench_scores_every_method_on_the_same_tasks_against_fedavg_fine
     result = bench_quality.run(args)
     variants = result["shots"]["5"]
     methods = ("fedavg", "fedmeta-first-order")
-    expected = {"local-only"} | {f"{m}/{v}" for m in methods for v in (*ADAPTATIONS, "deployed")}
+    deployed = ("deployed", "cv-argmax", "oracle-upper-bound")
+    expected = {"local-only"} | {f"{m}/{v}" for m in methods for v in (*ADAPTATIONS, *deployed)}
     assert set(variants) == expected
-    # the deployed variant is fedmeta adapt's choice on each task's shots
+    # the deployed variant is fedmeta adapt's choice on each task's shots, and no rule beats the best candidate
     picks = result["deployed_choices"]["5"]
-    assert {m: sum(picked.values()) for m, picked in picks.items()} == dict.fromkeys(methods, 3)
-    assert set().union(*picks.values()) <= {"inner-loop", "fine-tune", "scratch"}
+    for method, record in picks.items():
+        assert sum(record["picked"].values()) == sum(record["cv_argmax_picked"].values()) == record["tasks"] == 3
+        assert set(record["picked"]) | set(record["cv_argmax_picked"]) <= {"inner-loop", "fine-tune", "scratch"}
+        # the gap is the oracle's mean balanced accuracy over the deployed one's, on the same tasks
+        oracle, chosen = (variants[f"{method}/{v}"]["balanced-accuracy"] for v in ("oracle-upper-bound", "deployed"))
+        assert record["mean_gap_to_best_candidate"] == pytest.approx(oracle - chosen)
+        assert (record["worse_than_best_candidate"] > 0) == (oracle > chosen)
+        # preferring the meta-model only ever moves a pick away from scratch
+        assert record["picked"].get("scratch", 0) <= record["cv_argmax_picked"].get("scratch", 0)
+    assert set(picks) == set(methods)
     assert {v["tasks"] for v in variants.values()} == {3}
     reference = variants["fedavg/fine-tune"]["balanced-accuracy vs fedavg/fine-tune"]
     assert reference["mean"] == 0.0 and reference["hospitals"] == 1

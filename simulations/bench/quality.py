@@ -24,8 +24,12 @@ class, all its test scans as queries), each trained model is scored with the one
 (:class:`~shared.learning.evaluation.FewShotProtocol`) after k = 0, 1, 5, 10 inner-loop steps and after
 its fine-tune, next to local-only training (the protocol's scratch model on the same shots), and as
 deployed (``deployed``): what ``fedmeta adapt`` does at a new hospital, the candidate its cross-validation
-on the shots picks (inner loop, fine-tune or scratch), fitted on all shots; ``deployed_choices`` counts
-the kinds it picked.
+on the shots picks (inner loop, fine-tune or scratch; :data:`client.adapt.CHOICE_RULE`), fitted on all shots.
+Beside it, from the same cross-validation: ``cv-argmax``, the candidate with the best out-of-fold score (the rule
+before scratch had to win clearly), and ``oracle-upper-bound``, the candidate with the best balanced accuracy on
+the test scans, which no hospital can pick (an upper bound on balanced accuracy, not a method).
+``deployed_choices`` counts the kinds each rule picked and how often the deployed choice scored below the best
+candidate on the test scans, and by how much.
 Differences are paired per task against the reference (class-balanced FedAvg + fine-tune when it ran),
 with a normal 95% interval, and per hospital: how many held-out hospitals improve on average. The run
 folders are kept under ``--work-dir``: a rerun reuses finished runs.
@@ -39,7 +43,7 @@ import math
 import shutil
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +51,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from client.adapt import candidates, choose_candidate, fit
+from client.adapt import candidates, choose_candidate, cross_validate, fit
 from server.heldout import HeldoutHospitals
 from server.round_log import mean_metrics, read_round_log
 from shared.atomic import atomic_write_json
@@ -78,6 +82,8 @@ LOCAL_ONLY = "local-only"
 REFERENCE = "fedavg/fine-tune"
 VARIANT_NAMES = {"meta+fine-tune": "fine-tune"}
 DEPLOYED = "deployed"
+CV_ARGMAX = "cv-argmax"
+ORACLE = "oracle-upper-bound"
 METRICS = ("balanced-accuracy", "auc", "accuracy")
 DEFAULT_METHODS = "fedavg,fedmeta,fedmeta-first-order,anil,meta-sgd,pretrain-then-meta,centralised"
 
@@ -115,7 +121,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--deployed",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="also score each model as fedmeta adapt deploys it (cross-validated choice; the slowest variant)",
+        help="also score each model as fedmeta adapt deploys it (cross-validated choice), beside the plain best "
+        "out-of-fold score and the best candidate on the test scans (every candidate fitted; the slowest variants)",
+    )
+    parser.add_argument(
+        "--deployed-methods", default=None, help="comma-separated: score only these methods as deployed (default: all)"
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work-dir", type=Path, default=None, help="default: runs/bench-quality-SETTING")
@@ -133,6 +143,7 @@ def class_range(text: str) -> tuple[int, int]:
 @dataclass(frozen=True)
 class TrainedModel:
     name: str  # method, with @epsN when private
+    method: str
     cfg: FedMetaConfig
     params: Params
 
@@ -257,7 +268,7 @@ def train_models(args: argparse.Namespace, work_dir: Path, federation: Path | No
                 "peak_rss_mb": result["peak_rss_mb"],
                 **({"training_hospitals": mean_metrics(validation)} if validation else {}),
             }
-            models.append(TrainedModel(name, cfg, load_file(out / META_MODEL)))
+            models.append(TrainedModel(name, method, cfg, load_file(out / META_MODEL)))
     return models, runs
 
 
@@ -281,6 +292,24 @@ def task_scores(task: FewShotTask, probs: np.ndarray) -> dict[str, float]:
     return {k: metrics[k] for k in METRICS if k in metrics}
 
 
+@dataclass
+class DeployedChoices:
+    """What the deployed procedure picked over one model's tasks, and its shortfall against the best candidate."""
+
+    picked: Counter[str] = field(default_factory=Counter)
+    argmax_picked: Counter[str] = field(default_factory=Counter)
+    gaps: list[float] = field(default_factory=list)  # best candidate's test balanced accuracy - the deployed one's
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "picked": dict(self.picked),
+            "cv_argmax_picked": dict(self.argmax_picked),
+            "tasks": len(self.gaps),
+            "worse_than_best_candidate": int(sum(g > 0 for g in self.gaps)),
+            "mean_gap_to_best_candidate": float(np.mean(self.gaps)),
+        }
+
+
 def deployed_predictions(
     learner: MetaLearner,
     model: TrainedModel,
@@ -289,12 +318,22 @@ def deployed_predictions(
     test_x: torch.Tensor,
     shots: int,
     fresh: Params,
-) -> tuple[str, np.ndarray]:
-    """``fedmeta adapt``'s model for the task (its candidates and cross-validated choice): the kind it picked and
-    its query probabilities."""
+    record: DeployedChoices,
+) -> dict[str, np.ndarray]:
+    """Query probabilities of ``fedmeta adapt``'s model for the task (its candidates and cross-validated choice), of
+    the best out-of-fold score's candidate and of the best candidate on the test scans; ``record`` gets the kinds
+    picked and the deployed choice's gap to the best."""
     sx, sy = train_x[task.support], torch.from_numpy(task.support_y)
-    chosen, _ = choose_candidate(learner, candidates(model.cfg, model.params, fresh), sx, sy, shots)
-    return chosen.kind, predict(learner, fit(learner, chosen, sx, sy), test_x[task.query])
+    options = candidates(model.cfg, model.params, fresh)
+    validation = cross_validate(learner, options, sx, sy, shots)
+    chosen, argmax = choose_candidate(options, validation), validation.best(options)
+    probs = {c.name: predict(learner, fit(learner, c, sx, sy), test_x[task.query]) for c in options}
+    test_score = {name: task_scores(task, p)["balanced-accuracy"] for name, p in probs.items()}
+    best = max(options, key=lambda c: test_score[c.name])
+    record.picked[chosen.kind] += 1
+    record.argmax_picked[argmax.kind] += 1
+    record.gaps.append(test_score[best.name] - test_score[chosen.name])
+    return {DEPLOYED: probs[chosen.name], CV_ARGMAX: probs[argmax.name], ORACLE: probs[best.name]}
 
 
 def evaluate(
@@ -302,16 +341,19 @@ def evaluate(
     heldout: HeldoutHospitals,
     shots: list[int],
     args: argparse.Namespace,
-) -> tuple[dict[int, dict[str, list[tuple[str, dict[str, float]]]]], dict[int, dict[str, Counter[str]]]]:
+) -> tuple[dict[int, dict[str, list[tuple[str, dict[str, float]]]]], dict[int, dict[str, DeployedChoices]]]:
     """Per K, per variant: (hospital, scores) of every few-shot task, the same tasks for every variant; and per K and
-    model, the kinds of candidate the deployed procedure picked."""
+    model, what the deployed procedure picked."""
     scores: dict[int, dict[str, list[tuple[str, dict[str, float]]]]] = {k: {} for k in shots}
-    choices: dict[int, dict[str, Counter[str]]] = {}
+    choices: dict[int, dict[str, DeployedChoices]] = {}
     cfg = heldout.cfg
     protocol = FewShotProtocol.for_run(cfg)
     local_learner = MetaLearner(build_model(cfg.model), cfg.maml)
     fresh = protocol.fresh_init(cfg.model, args.seed)
     learners = {m.name: MetaLearner(build_model(m.cfg.model), m.cfg.maml) for m in models}
+    deployed_methods = {m.strip() for m in (args.deployed_methods or args.methods).split(",")}
+    if unknown := deployed_methods - {m.method for m in models}:
+        raise UserError(f"--deployed-methods {', '.join(sorted(unknown))}: not trained here; name methods of --methods")
     for folder in heldout.folders:
         try:
             data = heldout.data(folder)
@@ -337,11 +379,12 @@ def evaluate(
                         for name, probs in predictions.items()
                         if name != "meta"  # the headline inner loop is in the sweep
                     }
-                    if args.deployed:
-                        kind, variants[f"{model.name}/{DEPLOYED}"] = deployed_predictions(
-                            learners[model.name], model, task, train_x, test_x, k, fresh
+                    if args.deployed and model.method in deployed_methods:
+                        record = choices.setdefault(k, {}).setdefault(model.name, DeployedChoices())
+                        deployed = deployed_predictions(
+                            learners[model.name], model, task, train_x, test_x, k, fresh, record
                         )
-                        choices.setdefault(k, {}).setdefault(model.name, Counter())[kind] += 1
+                        variants |= {f"{model.name}/{name}": probs for name, probs in deployed.items()}
                 for variant, probs in variants.items():
                     scores[k].setdefault(variant, []).append((folder.name, task_scores(task, probs)))
     return scores, choices
@@ -392,9 +435,21 @@ def table(result: dict[str, Any]) -> str:
             improved = f"{bal['hospitals_improved']}/{bal['hospitals']}" if bal else "-"
             lines.append(f"| {variant} | {scores} | {_delta(bal)} | {_delta(auc)} | {improved} |")
         lines.append("")
-        for model, picked in result["deployed_choices"].get(k, {}).items():
-            kinds = ", ".join(f"{kind} {n}" for kind, n in sorted(picked.items()))
-            lines.append(f"{model}/{DEPLOYED} picked: {kinds} (of {sum(picked.values())} tasks)  ")
+        for model, record in result["deployed_choices"].get(k, {}).items():
+            kinds, argmax = (
+                ", ".join(f"{kind} {n}" for kind, n in sorted(record[key].items()))
+                for key in ("picked", "cv_argmax_picked")
+            )
+            lines.append(
+                f"{model}/{DEPLOYED} picked: {kinds} (of {record['tasks']} tasks; {CV_ARGMAX}: {argmax}); below the "
+                f"best candidate on the test scans in {record['worse_than_best_candidate']}, by "
+                f"{record['mean_gap_to_best_candidate']:.3f} on average  "
+            )
+        if any(variant.endswith(ORACLE) for variant in variants):
+            lines.append(
+                f"{ORACLE}: the candidate with the best balanced accuracy on the test scans, an upper bound "
+                "no hospital can pick (its AUC and accuracy are not bounds)  "
+            )
         lines.append("")
     return "\n".join(lines) + validation_table(result["runs"])
 
@@ -440,7 +495,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "runs": runs,
         "evaluation_seconds": round(time.perf_counter() - started, 1),
         "shots": {str(k): summarise(v) for k, v in scores.items() if v},
-        "deployed_choices": {str(k): {m: dict(c) for m, c in by_model.items()} for k, by_model in choices.items()},
+        "deployed_choices": {str(k): {m: c.summary() for m, c in by_model.items()} for k, by_model in choices.items()},
     }
     atomic_write_json(work_dir / "quality.json", result)
     (work_dir / "quality.md").write_text(table(result))

@@ -222,11 +222,28 @@ def npz_file(path: Path) -> Path:
     return path
 
 
+def method_names(text: str) -> list[str]:
+    """The methods of a comma-separated ``--methods``."""
+    names = [m.strip() for m in text.split(",")]
+    if unknown := [m for m in names if m not in METHODS]:
+        raise UserError(f"--methods: unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
+    return names
+
+
+def deployed_method_names(args: argparse.Namespace) -> set[str]:
+    """The methods to score as deployed, checked before anything trains."""
+    trained = method_names(args.methods)
+    if args.deployed_methods is None:
+        return set(trained)
+    deployed = {m.strip() for m in args.deployed_methods.split(",")}
+    if unknown := deployed - set(trained):
+        raise UserError(f"--deployed-methods {', '.join(sorted(unknown))}: not trained here; name methods of --methods")
+    return deployed
+
+
 def train_models(args: argparse.Namespace, work_dir: Path, federation: Path | None) -> tuple[list[TrainedModel], dict]:
     models, runs = [], {}
-    for method in [m.strip() for m in args.methods.split(",")]:
-        if method not in METHODS:
-            raise UserError(f"--methods: unknown method {method!r}; choose from {', '.join(METHODS)}")
+    for method in method_names(args.methods):
         for epsilon in privacy_levels(args.privacy):
             if method == "centralised" and epsilon is not None:
                 continue  # the non-private upper bound has no private version
@@ -341,9 +358,10 @@ def evaluate(
     heldout: HeldoutHospitals,
     shots: list[int],
     args: argparse.Namespace,
+    deployed_methods: set[str],
 ) -> tuple[dict[int, dict[str, list[tuple[str, dict[str, float]]]]], dict[int, dict[str, DeployedChoices]]]:
     """Per K, per variant: (hospital, scores) of every few-shot task, the same tasks for every variant; and per K and
-    model, what the deployed procedure picked."""
+    model of ``deployed_methods``, what the deployed procedure picked."""
     scores: dict[int, dict[str, list[tuple[str, dict[str, float]]]]] = {k: {} for k in shots}
     choices: dict[int, dict[str, DeployedChoices]] = {}
     cfg = heldout.cfg
@@ -351,9 +369,6 @@ def evaluate(
     local_learner = MetaLearner(build_model(cfg.model), cfg.maml)
     fresh = protocol.fresh_init(cfg.model, args.seed)
     learners = {m.name: MetaLearner(build_model(m.cfg.model), m.cfg.maml) for m in models}
-    deployed_methods = {m.strip() for m in (args.deployed_methods or args.methods).split(",")}
-    if unknown := deployed_methods - {m.method for m in models}:
-        raise UserError(f"--deployed-methods {', '.join(sorted(unknown))}: not trained here; name methods of --methods")
     for folder in heldout.folders:
         try:
             data = heldout.data(folder)
@@ -379,7 +394,7 @@ def evaluate(
                         for name, probs in predictions.items()
                         if name != "meta"  # the headline inner loop is in the sweep
                     }
-                    if args.deployed and model.method in deployed_methods:
+                    if model.method in deployed_methods:
                         record = choices.setdefault(k, {}).setdefault(model.name, DeployedChoices())
                         deployed = deployed_predictions(
                             learners[model.name], model, task, train_x, test_x, k, fresh, record
@@ -478,6 +493,7 @@ def _delta(d: dict[str, float] | None) -> str:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    deployed_methods = deployed_method_names(args) if args.deployed else set()
     work_dir = (args.work_dir or Path(f"runs/bench-quality-{args.setting}")).expanduser().resolve()
     work_dir.mkdir(parents=True, exist_ok=True)
     shots = [int(k) for k in args.shots.split(",")]
@@ -485,7 +501,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     models, runs = train_models(args, work_dir, federation)
     started = time.perf_counter()
     torch.set_num_threads(1)  # tiny models: a second intra-op thread only adds contention (6x slower under load)
-    scores, choices = evaluate(models, heldout_hospitals(args, work_dir, federation), shots, args)
+    scores, choices = evaluate(models, heldout_hospitals(args, work_dir, federation), shots, args, deployed_methods)
     result = {
         "setting": args.setting,
         "hospitals": args.hospitals,

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.hospital import Hospital
@@ -50,6 +50,8 @@ from shared.wire import (
     WireError,
     WireSchema,
     named_reason,
+    put_arrays,
+    take_arrays,
     validate_hospital_name,
     validate_metrics,
 )
@@ -84,10 +86,7 @@ def open_hospital(context: Context, run_cfg: FedMetaConfig) -> Hospital | Policy
 
 
 def receive_params(msg: Message, hospital: Hospital) -> Params:
-    record = msg.content.array_records.get(PARAMS_KEY)
-    if record is None:
-        raise WireError(f"the server's message has no '{PARAMS_KEY}' record")
-    arrays = {name: array.numpy() for name, array in record.items()}
+    arrays = take_arrays(msg.content, PARAMS_KEY, "server message")
     expected = WireSchema.of({n: p.cpu().numpy() for n, p in hospital.learner.init_meta_params().items()})
     expected.validate(arrays, "server message")
     return {name: torch.from_numpy(np.array(a)) for name, a in arrays.items()}
@@ -166,12 +165,8 @@ def _train_reply(hospital: Hospital, params: Params, msg: Message) -> Message:
     WireSchema.of(params).validate(grads, "hospital reply")
     allowed = TRAIN_METRICS if outcome.metrics["dp"] else NO_DP_TRAIN_METRICS
     validate_metrics(outcome.metrics, allowed, "hospital reply", required=TRAIN_METRICS)
-    content = RecordDict(
-        {
-            GRADIENT_KEY: ArrayRecord({n: Array(g) for n, g in grads.items()}),
-            METRICS_KEY: MetricRecord(outcome.metrics),
-        }
-    )
+    content = RecordDict({METRICS_KEY: MetricRecord(outcome.metrics)})
+    put_arrays(content, GRADIENT_KEY, grads)
     return Message(content, reply_to=msg)
 
 

@@ -2,8 +2,9 @@
 
 ``server.capture-replies=true`` makes the ServerApp use :class:`ReplyCapture`, which appends to
 ``OUT_DIR/replies.jsonl`` what each train or evaluate reply carries: its record names by kind, each
-array's name, shape and dtype, each metric and config record's keys, or its error code. Never a
-value: the file shows that replies hold only what the wire contract allows, and nothing to leak.
+array's name, shape and dtype, each metric and config record's keys (a packed gradient's layout record
+lists the meta-parameters' names), or its error code. Never a value: the file shows that replies hold
+only what the wire contract allows, and nothing to leak.
 """
 
 from __future__ import annotations

@@ -66,7 +66,9 @@ from shared.wire import (
     TRAIN_METRICS,
     WireError,
     WireSchema,
+    put_arrays,
     split_named_reason,
+    take_arrays,
     validate_hospital_record,
     validate_metrics,
 )
@@ -300,7 +302,8 @@ class MetaGradientStrategy(FedAvg):
     def _messages(
         self, nodes: Iterable[int], arrays: ArrayRecord, message_type: str, server_round: int
     ) -> list[Message]:
-        content = RecordDict({PARAMS_KEY: arrays, CONFIG_KEY: ConfigRecord({"server-round": server_round})})
+        content = RecordDict({CONFIG_KEY: ConfigRecord({"server-round": server_round})})
+        put_arrays(content, PARAMS_KEY, {name: array.numpy() for name, array in arrays.items()})
         ttl = self.cfg.server.round_timeout_s
         return [Message(content, dst_node_id=int(n), message_type=message_type, ttl=ttl) for n in nodes]
 
@@ -365,11 +368,10 @@ class MetaGradientStrategy(FedAvg):
 
     def _validated_gradient(self, reply: Message, hospital: str) -> Accepted:
         what = f"reply from {hospital}"
-        record = reply.content.array_records.get(GRADIENT_KEY)
         metrics_record = reply.content.metric_records.get(METRICS_KEY)
-        if record is None or metrics_record is None:
-            raise WireError(f"{what} lacks '{GRADIENT_KEY}' or '{METRICS_KEY}'")
-        grads = {name: array.numpy() for name, array in record.items()}
+        if metrics_record is None:
+            raise WireError(f"{what} lacks '{METRICS_KEY}'")
+        grads = take_arrays(reply.content, GRADIENT_KEY, what)
         self.schema.validate(grads, what)
         metrics = dict(metrics_record)
         dp = metrics.get("dp")

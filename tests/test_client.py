@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import multiprocessing
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import Array, ConfigRecord, Context, Message, RecordDict
 from opacus.accountants import RDPAccountant
 
 import client.privacy
@@ -27,12 +28,16 @@ from shared.learning.models import build_model
 from shared.wire import (
     CONFIG_KEY,
     EVALUATE_METRICS,
+    FLAT_ARRAY,
     PARAMS_KEY,
     REFUSED_BUDGET,
     REFUSED_POLICY,
     REJECTED_MESSAGE,
     TRAIN_METRICS,
     WireSchema,
+    layout_key,
+    put_arrays,
+    take_arrays,
     validate_metrics,
 )
 from simulations.data.synthetic import write_synthetic_hospital
@@ -163,12 +168,8 @@ def test_private_reply_is_a_different_gradient_each_time_but_same_shapes(hospita
 
 
 def server_message(params: dict[str, np.ndarray], message_type: str = "train") -> Message:
-    content = RecordDict(
-        {
-            PARAMS_KEY: ArrayRecord({n: Array(v) for n, v in params.items()}),
-            CONFIG_KEY: ConfigRecord({"server-round": 1}),
-        }
-    )
+    content = RecordDict({CONFIG_KEY: ConfigRecord({"server-round": 1})})
+    put_arrays(content, PARAMS_KEY, params)
     return Message(content, dst_node_id=7, message_type=message_type)
 
 
@@ -214,6 +215,39 @@ def test_malformed_server_message_gets_a_clear_rejection(
     assert expected in reply.error.reason and "\n" not in reply.error.reason
 
 
+@pytest.mark.parametrize(
+    ("tamper", "expected"),
+    [
+        (lambda c: c[layout_key(PARAMS_KEY)].__setitem__("head.bias", [1, 999]), "values, its layout"),
+        (lambda c: c[layout_key(PARAMS_KEY)].__setitem__("head.bias", [2, 5]), "says 2 dimensions but lists 1"),
+        (lambda c: c[PARAMS_KEY].__setitem__("extra", Array(np.zeros(3, np.float32))), "only ['flat'] may cross"),
+        (lambda c: c.pop(layout_key(PARAMS_KEY)), "lacks 'meta-params' or its layout"),
+    ],
+)
+def test_a_packed_message_that_does_not_add_up_is_rejected_by_name(
+    hospital_dir: Path, tmp_path: Path, tamper: Callable[[RecordDict], object], expected: str
+) -> None:
+    cfg = tiny_config(data={"state_dir": str(tmp_path)})
+    params = {n: p.numpy() for n, p in Hospital(hospital_dir, cfg).learner.init_meta_params().items()}
+    msg = server_message(params)
+    tamper(msg.content)
+    reply = client_app(msg, client_context(hospital_dir, cfg, tmp_path))
+    assert reply.has_error() and reply.error.code == REJECTED_MESSAGE
+    assert expected in reply.error.reason, reply.error.reason
+
+
+def test_packed_arrays_unpack_to_the_same_names_shapes_and_values() -> None:
+    arrays = {"b": np.arange(6, dtype=np.float32).reshape(2, 3), "a": np.float32(7.0) * np.ones(()), "c": np.ones(4)}
+    arrays = {n: np.asarray(a, dtype=np.float32) for n, a in arrays.items()}
+    content = RecordDict()
+    put_arrays(content, PARAMS_KEY, arrays)
+    assert len(content.array_records[PARAMS_KEY]) == 1  # one Array crosses, whatever the number of tensors
+    unpacked = take_arrays(content, PARAMS_KEY, "message")
+    assert {n: a.shape for n, a in unpacked.items()} == {n: a.shape for n, a in arrays.items()}
+    for name, array in arrays.items():
+        np.testing.assert_array_equal(unpacked[name], array)
+
+
 def test_train_reply_carries_only_the_gradient_and_fixed_scalars_and_no_phi(hospital_dir: Path, tmp_path: Path) -> None:
     cfg = tiny_config(data={"state_dir": str(tmp_path)})
     params = {n: p.numpy() for n, p in Hospital(hospital_dir, cfg).learner.init_meta_params().items()}
@@ -221,16 +255,17 @@ def test_train_reply_carries_only_the_gradient_and_fixed_scalars_and_no_phi(hosp
     assert not reply.has_error()
     assert set(reply.content.array_records) == {"outer-grad"}
     assert set(reply.content.metric_records) == {"metrics"}
-    assert not reply.content.config_records
-    arrays = reply.content.array_records["outer-grad"]
+    assert set(reply.content.config_records) == {layout_key("outer-grad")}  # names and shapes, nothing else
+    arrays = take_arrays(reply.content, "outer-grad", "reply")
     assert {n: tuple(a.shape) for n, a in arrays.items()} == {n: p.shape for n, p in params.items()}
     assert set(reply.content.metric_records["metrics"]) == TRAIN_METRICS
     phi = set()
     for path in hospital_dir.rglob("*.dcm"):
         ds = pydicom.dcmread(path, stop_before_pixels=True)
         phi |= {str(ds.PatientName), ds.PatientID, ds.InstitutionName, ds.StudyDate, ds.SOPInstanceUID, path.name}
-    payload = b"".join(a.data for a in arrays.values()) + repr(dict(reply.content.metric_records["metrics"])).encode()
-    payload += "".join(arrays.keys()).encode()
+    payload = reply.content.array_records["outer-grad"][FLAT_ARRAY].data
+    payload += repr(dict(reply.content.metric_records["metrics"])).encode()
+    payload += repr(dict(reply.content.config_records[layout_key("outer-grad")])).encode()
     assert not [s for s in phi if s and s.encode() in payload]
 
 
@@ -354,7 +389,7 @@ def test_a_diverged_episode_still_gives_a_finite_private_reply(
     node = {"policy.groups-per-step": 8}  # every group every step: the diverged episode is in the release
     reply = client_app(server_message(params), client_context(hospital_dir, cfg, tmp_path, **node))
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
-    arrays = {n: a.numpy() for n, a in reply.content.array_records["outer-grad"].items()}
+    arrays = take_arrays(reply.content, "outer-grad", "reply")
     WireSchema.of(params).validate(arrays, "reply")  # finite, right names, shapes and dtype
     validate_metrics(dict(reply.content.metric_records["metrics"]), TRAIN_METRICS, "reply", required=TRAIN_METRICS)
 

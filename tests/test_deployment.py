@@ -59,7 +59,7 @@ from shared.flower_processes import (
     write_connection,
 )
 from shared.run_folder import META_MODEL, REPLIES
-from shared.wire import GRADIENT_KEY, HOSPITAL_KEY, METRICS_KEY, NO_DP_TRAIN_METRICS
+from shared.wire import FLAT_ARRAY, GRADIENT_KEY, HOSPITAL_KEY, METRICS_KEY, NO_DP_TRAIN_METRICS, layout_key
 from simulations.data.synthetic import write_synthetic_hospital
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -370,7 +370,8 @@ def test_restarted_server_resumes_and_finishes_without_a_killed_hospital(deploym
 @pytest.mark.deployment
 def test_train_replies_hold_only_meta_parameter_gradients_and_fixed_metrics(deployment: Deployment) -> None:
     model = load_file(deployment.run_dir / META_MODEL)
-    expected = {name: {"shape": list(array.shape), "dtype": "float32"} for name, array in model.items()}
+    # packed: one flat float32 array, and a layout record of the meta-parameters' names (and shapes)
+    expected = {FLAT_ARRAY: {"shape": [sum(array.size for array in model.values())], "dtype": "float32"}}
     replies = [json.loads(line) for line in (deployment.run_dir / REPLIES).read_text().splitlines()]
     received = [r for r in replies if r["type"] == "train" and r["error"] is None]
     assert len(received) == 3 + 3 + 3 + 2
@@ -378,7 +379,8 @@ def test_train_replies_hold_only_meta_parameter_gradients_and_fixed_metrics(depl
         assert reply["arrays"] == {GRADIENT_KEY: expected}
         assert set(reply["metrics"]) == {METRICS_KEY}
         assert set(reply["metrics"][METRICS_KEY]) <= NO_DP_TRAIN_METRICS  # the hospitals' policies: dp=false
-        assert reply["configs"] == {HOSPITAL_KEY: ["name"]}  # the public name the hospital chose
+        # the public name the hospital chose, and the gradient's layout
+        assert reply["configs"] == {HOSPITAL_KEY: ["name"], layout_key(GRADIENT_KEY): sorted(model)}
         assert reply["hospital"] in {"h0", "h1", "h2"}
 
 

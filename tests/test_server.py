@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 from opacus.accountants import RDPAccountant
 
 from server.app import initial_state, run_federation
@@ -39,7 +39,10 @@ from shared.wire import (
     PARAMS_KEY,
     REFUSED_BUDGET,
     REFUSED_POLICY,
+    layout_key,
     named_reason,
+    put_arrays,
+    take_arrays,
 )
 from simulations.data.synthetic import write_synthetic_hospital
 from tests.loopback import Interrupted, LoopbackGrid
@@ -111,19 +114,15 @@ def corrupt(grid: LoopbackGrid, node: int, how: str) -> None:
             return None
         if msg.metadata.message_type != "train" or reply.has_error():
             return reply
-        grads = {n: a.numpy().copy() for n, a in reply.content.array_records[GRADIENT_KEY].items()}
+        grads = {n: a.copy() for n, a in take_arrays(reply.content, GRADIENT_KEY, "reply").items()}
         if how == "nan":
             grads["head.weight"][0, 0] = np.nan
         elif how == "shape":
             grads["head.bias"] = np.zeros(5, dtype=np.float32)
         elif how == "enormous":
             grads = {n: g * 1e9 for n, g in grads.items()}
-        content = RecordDict(
-            {
-                GRADIENT_KEY: ArrayRecord({n: Array(g) for n, g in grads.items()}),
-                METRICS_KEY: reply.content[METRICS_KEY],
-            }
-        )
+        content = RecordDict({METRICS_KEY: reply.content[METRICS_KEY]})
+        put_arrays(content, GRADIENT_KEY, grads)
         return Message(content, reply_to=msg)
 
     grid.handlers[node] = handler
@@ -204,11 +203,14 @@ def test_replies_crossing_the_wire_hold_only_meta_parameter_shaped_arrays_and_fi
     for reply in grid.replies:
         assert not reply.has_error()
         kinds.add(reply.metadata.message_type)
-        assert list(reply.content.config_records) == [HOSPITAL_KEY]  # the hospital's public name, nothing else
+        # the hospital's public name, and in a train reply the gradient's names and shapes; nothing else
+        packed = {GRADIENT_KEY} if reply.metadata.message_type == "train" else set()
+        assert set(reply.content.config_records) == {HOSPITAL_KEY} | {layout_key(k) for k in packed}
         assert list(reply.content[HOSPITAL_KEY]) == ["name"]
         names.add(reply.content[HOSPITAL_KEY]["name"])
-        for record in reply.content.array_records.values():
-            assert {n: tuple(a.shape) for n, a in record.items()} == shapes
+        assert set(reply.content.array_records) == packed
+        for key in packed:
+            assert {n: a.shape for n, a in take_arrays(reply.content, key, "reply").items()} == shapes
         for record in reply.content.metric_records.values():
             assert all(isinstance(v, float) for v in record.values())
     assert kinds == {"train", "evaluate"}
@@ -243,10 +245,10 @@ def crafted(metrics: dict[str, float], value: float = 0.01, drop: str = "", name
     named ``name`` when one is given."""
 
     def handler(msg: Message) -> Message:
-        shapes = {n: a.shape for n, a in msg.content[PARAMS_KEY].items()}
-        grads = ArrayRecord({n: Array(np.full(shape, value, dtype=np.float32)) for n, shape in shapes.items()})
+        shapes = {n: a.shape for n, a in take_arrays(msg.content, PARAMS_KEY, "message").items()}
         sent = MetricRecord({k: v for k, v in metrics.items() if k != drop})
-        content = RecordDict({GRADIENT_KEY: grads, METRICS_KEY: sent})
+        content = RecordDict({METRICS_KEY: sent})
+        put_arrays(content, GRADIENT_KEY, {n: np.full(shape, value, dtype=np.float32) for n, shape in shapes.items()})
         if name is not None:
             content[HOSPITAL_KEY] = ConfigRecord({"name": name})
         return Message(content, reply_to=msg)

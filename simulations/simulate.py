@@ -53,6 +53,8 @@ METHODS: dict[str, dict[str, Any]] = {
     # the hospitals' episodes, which is second-order MAML on the pooled data with hospitals as tasks.
     "centralised": {**_MAML, "privacy.enabled": False},
 }
+# What a run trains when no --method is given: the typed config's defaults (first order, zero head).
+DEFAULT_METHOD = "fedmeta-first-order-zero-head"
 ENGINES = ("flower", "in-process")
 
 
@@ -66,7 +68,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--rounds", type=int, default=5, help="federated rounds")
     parser.add_argument("--clients-per-round", type=int, default=0, help="hospitals sampled per round (0: all)")
     parser.add_argument("--data", type=Path, help="federation folder of hospital-NNN folders (None: synthetic)")
-    parser.add_argument("--method", choices=sorted(METHODS), default="fedmeta", help="training method")
+    parser.add_argument("--method", choices=sorted(METHODS), default=DEFAULT_METHOD, help="training method")
     parser.add_argument("--no-dp", action="store_true", help="non-private baseline: no clipping, no noise")
     parser.add_argument(
         "--engine",

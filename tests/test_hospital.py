@@ -375,7 +375,8 @@ def test_simulate_help_shows_the_defaults(capsys: pytest.CaptureFixture[str]) ->
     with pytest.raises(SystemExit):
         main(["simulate", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "(default: 10)" in text and "(default: fedmeta)" in text and "(default: runs/simulation)" in text
+    assert "(default: 10)" in text and "(default: runs/simulation)" in text
+    assert "(default: fedmeta-first-order-zero-head)" in text
 
 
 def test_ingest_benchmark_reports_both_passes_and_the_cached_pass_reads_every_file_from_the_cache() -> None:

@@ -14,11 +14,16 @@ from shared.learning.models import build_model
 N_WAY, K_SHOT, Q_QUERY, EPISODES = 2, 2, 3, 3
 
 
+# Second order with the meta-learned head: the variant the finite-difference and reference checks are written for.
+CLASSIC_MAML = {"order": "second", "head_init": "learned"}
+
+
 def seeded_learner(n_way: int, width: int, dtype: torch.dtype, **maml: object) -> tuple[MetaLearner, Params]:
-    """A tiny seeded learner (2 inner steps at 0.3 unless ``maml`` says otherwise) and its meta-parameters."""
+    """A tiny seeded learner (second order, the learned head, 2 inner steps at 0.3 unless ``maml`` says otherwise)
+    and its meta-parameters."""
     torch.manual_seed(0)
     model = build_model(ModelConfig(width=width, n_way=n_way)).to(dtype)
-    learner = MetaLearner(model, MamlConfig(**{"inner_steps": 2, "inner_lr": 0.3, **maml}))
+    learner = MetaLearner(model, MamlConfig(**{**CLASSIC_MAML, "inner_steps": 2, "inner_lr": 0.3, **maml}))
     params = learner.init_meta_params()
     if learner.cfg.meta_sgd:  # distinct learned rates, so a wrong lr gradient cannot hide
         params = {

@@ -12,6 +12,7 @@ from shared.config import FedMetaConfig, MamlConfig, ModelConfig
 from shared.learning.maml import EpisodeBatch, MetaLearner, pick_device
 from shared.learning.models import build_model
 from simulations.data.synthetic import write_synthetic_hospital
+from tests.test_maml import CLASSIC_MAML
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -39,8 +40,8 @@ def full_float32_precision():
 def test_cuda_graph_replay_matches_eager_batched_and_loop_paths(maml: dict) -> None:
     torch.manual_seed(0)
     model = build_model(ModelConfig(width=16, n_way=2)).cuda()
-    graphed = MetaLearner(model, MamlConfig(inner_steps=3, **maml))
-    eager = MetaLearner(model, MamlConfig(inner_steps=3, cuda_graphs=False, **maml))
+    graphed = MetaLearner(model, MamlConfig(inner_steps=3, **{**CLASSIC_MAML, **maml}))
+    eager = MetaLearner(model, MamlConfig(inner_steps=3, cuda_graphs=False, **{**CLASSIC_MAML, **maml}))
     params = graphed.init_meta_params()
     for seed in range(3):  # replays with fresh inputs, not just the captured ones
         batch = cuda_batch(4, seed)
@@ -58,7 +59,8 @@ def test_cuda_graph_replay_matches_eager_batched_and_loop_paths(maml: dict) -> N
 def test_cuda_loop_and_batched_paths_agree_in_float64(maml: dict) -> None:
     torch.manual_seed(0)
     learner = MetaLearner(
-        build_model(ModelConfig(width=16, n_way=2)).cuda().double(), MamlConfig(inner_steps=3, **maml)
+        build_model(ModelConfig(width=16, n_way=2)).cuda().double(),
+        MamlConfig(inner_steps=3, **{**CLASSIC_MAML, **maml}),
     )
     params = learner.init_meta_params()
     batch = cuda_batch(4, 0).to("cuda", torch.float64)

@@ -12,9 +12,12 @@ import hmac
 import os
 import secrets
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from shared.data.dicom import PreprocessConfig, decoder_versions
 from shared.errors import UserError
+
+if TYPE_CHECKING:
+    from shared.data.dicom import PreprocessConfig
 
 STATE_FOLDER = ".fedmeta"  # the hospital's own state inside its folder: secret, cache, policy, ledger
 SECRET_NAME = "site_secret"
@@ -37,6 +40,9 @@ class SiteKeys:
         return self._keyed("file", relpath)[:32]
 
     def cache_namespace(self, preprocess: PreprocessConfig) -> str:
+        # torch and pydicom only where scans are read: `fedmeta client` and its SuperNode need just STATE_FOLDER
+        from shared.data.dicom import decoder_versions
+
         return self._keyed("cache", f"{preprocess.fingerprint()} {decoder_versions()}")[:32]
 
 

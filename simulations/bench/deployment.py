@@ -38,7 +38,7 @@ from shared.flower_processes import (
     stop_process_tree,
 )
 from simulations.data.synthetic import write_synthetic_hospital
-from simulations.simulate import run_simulation, simulation_config
+from simulations.simulate import DEFAULT_METHOD, run_simulation, simulation_config
 
 ROUND_LINE = re.compile(r"^fedmeta: round (\d+)/\d+")
 # `fedmeta server` prints one of these once the hospitals' keys are registered
@@ -67,7 +67,7 @@ def in_process_config(args: argparse.Namespace, run_dir: Path) -> FedMetaConfig:
             rounds=args.rounds,
             clients_per_round=0,
             data=None,
-            method="fedmeta",
+            method=DEFAULT_METHOD,
             no_dp=False,
             out=run_dir,
             seed=0,

@@ -85,7 +85,9 @@ DEPLOYED = "deployed"
 CV_ARGMAX = "cv-argmax"
 ORACLE = "oracle-upper-bound"
 METRICS = ("balanced-accuracy", "auc", "accuracy")
-DEFAULT_METHODS = "fedavg,fedmeta,fedmeta-first-order,anil,meta-sgd,pretrain-then-meta,centralised"
+DEFAULT_METHODS = (
+    "fedavg,fedmeta-first-order-zero-head,fedmeta,fedmeta-first-order,anil,meta-sgd,pretrain-then-meta,centralised"
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

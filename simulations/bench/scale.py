@@ -27,7 +27,7 @@ from shared.data.federation import hospital_name
 from shared.data.hospital_folder import load_hospital
 from shared.run_folder import META_MODEL
 from simulations.data.synthetic import write_synthetic_hospital
-from simulations.simulate import run_simulation, simulation_config
+from simulations.simulate import DEFAULT_METHOD, run_simulation, simulation_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -66,7 +66,7 @@ def measure(size: int, args: argparse.Namespace, work_dir: Path, federation: Pat
         rounds=args.rounds,
         clients_per_round=min(args.clients_per_round, size),
         data=federation,
-        method="fedmeta",
+        method=DEFAULT_METHOD,
         no_dp=False,
         out=work_dir / f"scale-{size}",
         seed=0,

@@ -178,7 +178,9 @@ def test_few_shot_prediction_matches_manual_adaptation() -> None:
 def test_meta_training_on_learnable_episodes_beats_chance() -> None:
     """A few hundred meta-steps on a task family with a real signal reach well above 50%."""
     torch.manual_seed(0)
-    learner = MetaLearner(build_model(ModelConfig(width=8, n_way=2)), MamlConfig(inner_steps=2, inner_lr=0.1))
+    learner = MetaLearner(
+        build_model(ModelConfig(width=8, n_way=2)), MamlConfig(**{**CLASSIC_MAML, "inner_steps": 2, "inner_lr": 0.1})
+    )
     params = learner.init_meta_params()
     optimizer = torch.optim.Adam(list(params.values()), lr=1e-2)
 

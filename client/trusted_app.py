@@ -24,16 +24,15 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
-import os
 import shlex
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from shared.flower_processes import PROJECT_DIR, TASK_POLL_S, prompt_object_pulls
+from shared.installed_app import RuntimeApi, installed_fab_hash
 
 log = logging.getLogger(__name__)
 
@@ -41,30 +40,6 @@ REFUSED_PREFIX = "fedmeta: refused run"
 EXECUTOR_COMMAND = "flower-superexec"
 LOCAL_PULL_RETRY_S = 0.05  # the SuperNode is on this machine
 TASK_COMMANDS = ("flwr-agentapp", "flwr-clientapp", "flwr-connector", "flwr-model", "flwr-serverapp", "flwr-simulation")
-
-
-def installed_files() -> dict[str, Path]:
-    """The files Flower's ``collect_files`` finds in the installed fedmeta, without walking the folders its
-    ``.gitignore`` excludes whole (a virtual environment there holds tens of thousands of files)."""
-    from flwr.cli.utils import build_pathspec, load_gitignore_patterns
-
-    gitignore = PROJECT_DIR / ".gitignore"
-    ignored = build_pathspec(load_gitignore_patterns(gitignore.read_bytes() if gitignore.is_file() else b""))
-    files = {}
-    for folder, subfolders, names in os.walk(PROJECT_DIR, followlinks=False):
-        relative = Path(folder).relative_to(PROJECT_DIR)
-        subfolders[:] = [d for d in subfolders if not ignored.match_file(f"{(relative / d).as_posix()}/")]
-        for name in names:
-            if not (Path(folder) / name).is_symlink():
-                files[(relative / name).as_posix()] = Path(folder) / name
-    return files
-
-
-def installed_fab_hash() -> str:
-    """SHA-256 of the FAB Flower builds from this hospital's installed fedmeta (its build is deterministic)."""
-    from flwr.cli.build import build_fab_from_files
-
-    return hashlib.sha256(build_fab_from_files(installed_files())[0]).hexdigest()
 
 
 def refusal(task_type: str, fab_content: bytes, installed: str) -> str | None:
@@ -96,32 +71,6 @@ def write_task_commands(bin_dir: Path) -> None:
         path = bin_dir / name
         path.write_text("#!/bin/sh\n" + body)
         path.chmod(0o755)
-
-
-@dataclass(frozen=True)
-class RuntimeApi:
-    """The SuperNode's Runtime API, reached as the SuperNode tells its executor."""
-
-    address: str
-    insecure: bool
-    certificates: bytes | None  # None with TLS: the system's root certificates
-
-    def client(self, component: str, token: str | None = None) -> Any:
-        """The executor's own client (no token), or one task's."""
-        from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
-        from flwr.supercore.retry import make_simple_http_retry_invoker
-        from flwr.supercore.runtime import RuntimeHttpClient
-
-        interceptors: list[Any] = [RuntimeVersionHttpInterceptor(component_name=component)]
-        if token is not None:
-            interceptors.append(RuntimeTokenHttpInterceptor(token))
-        return RuntimeHttpClient.from_server_address(
-            server_address=self.address,
-            insecure=self.insecure,
-            root_certificates=self.certificates,
-            interceptors=interceptors,
-            retry_invoker=make_simple_http_retry_invoker(),
-        )
 
 
 def task_heartbeat(client: Any) -> Callable[[], bool]:

@@ -1,10 +1,11 @@
 """``fedmeta server``: the server of a real deployment, one command from start to finished run.
 
 It starts a Flower SuperLink (deployment engine, TLS, SuperNode authentication, its state in
-``RUN_DIR/superlink.db``) as its own child, with only the Fleet API on the hospitals' ``--host/--port``
-and the operator's Control and Runtime APIs on ``127.0.0.1:--control-port`` (:mod:`server.superlink`
-says why Flower's own ``flower-superlink`` cannot do that), registers every hospital public key found in
-``CERTS/hospitals/``, submits the fedmeta run with ``flwr run`` and prints the ServerApp's
+``RUN_DIR/superlink.db``) as its own child, after its ServerApp executor (:mod:`server.serverapp_executor`,
+which imports the installed fedmeta's ServerApp while the SuperLink starts), with only the Fleet API on the
+hospitals' ``--host/--port`` and the operator's Control and Runtime APIs on ``127.0.0.1:--control-port``
+(:mod:`server.superlink` says why Flower's own ``flower-superlink`` cannot do that), registers every hospital
+public key found in ``CERTS/hospitals/``, submits the fedmeta run with ``flwr run`` and prints the ServerApp's
 ``fedmeta: round i/R ...`` lines as they come. When the run ends, fails or is interrupted (Ctrl-C,
 SIGTERM) it stops every process it started. Started again with the same ``--out``, it continues from
 the last complete round.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -179,10 +181,23 @@ def superlink_command(settings: ServerSettings) -> list[str]:
         ]
     return [
         *command,
-        *("--isolation", "subprocess"),
+        *("--isolation", "process"),  # its ServerApp executor is ours, started first: executor_command
         *("--host", CONTROL_HOST),
         *("--port", str(settings.control_port)),
         *("--database", str(settings.run_dir / "superlink.db")),
+    ]
+
+
+def executor_command(settings: ServerSettings) -> list[str]:
+    """The SuperLink's ServerApp executor (:mod:`server.serverapp_executor`), on its loopback Runtime API."""
+    security = ["--insecure"] if settings.certs is None else ["--root-certificates", str(settings.certs / CA_CERT)]
+    return [
+        sys.executable,
+        "-m",
+        "server.serverapp_executor",
+        *("--runtime-api-address", settings.control_address),
+        *security,
+        *("--parent-pid", str(os.getpid())),
     ]
 
 
@@ -276,6 +291,8 @@ def serve(settings: ServerSettings) -> None:
     env = flower_env(flwr_home)
     log_path = run_dir / "superlink.log"
     with sigterm_as_interrupt(), open(log_path, "ab") as log_file:
+        # first: its spare ServerApp imports fedmeta while the SuperLink starts
+        executor = ProcessTree(executor_command(settings), env, log_file)
         superlink = ProcessTree(superlink_command(settings), env, log_file)
         try:
             wait_for_port(settings.control_port, superlink, log_path)
@@ -291,6 +308,7 @@ def serve(settings: ServerSettings) -> None:
                 say(f"round 1 starts when {settings.cfg.server.min_train_nodes} hospitals are connected")
             outcome = submit(settings, env)
         finally:
+            stop_process_tree(executor)
             stop_process_tree(superlink)
     if outcome is not None and outcome.rounds_trained < outcome.rounds:
         say(

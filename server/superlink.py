@@ -13,7 +13,8 @@ its TLS and SuperNode authentication) in one uvicorn server with two listening s
 - ``--fleet-host/--fleet-port``, the one port hospitals reach: only ``/v1/fleet/`` requests are served there;
   anything else gets 403 before any Flower handler runs;
 - Flower's own ``--host/--port``, bound to loopback by ``fedmeta server``: Control and Runtime APIs (and
-  Fleet, for a hospital on the server's machine). The SuperExec Flower starts connects there.
+  Fleet, for a hospital on the server's machine). The ServerApp executor (:mod:`server.serverapp_executor`)
+  connects there.
 
 Usage: ``python -m server.superlink --fleet-host HOST --fleet-port PORT [flower-superlink arguments]``.
 """

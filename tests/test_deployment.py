@@ -323,6 +323,19 @@ def test_three_hospitals_train_two_rounds_with_tls_and_node_authentication(deplo
 
 @pytest.mark.slow
 @pytest.mark.deployment
+def test_the_installed_app_runs_in_the_warm_serverapp_and_any_other_app_in_a_fresh_one(deployment: Deployment) -> None:
+    executor_lines = [
+        line for line in (deployment.run_dir / "superlink.log").read_text().splitlines() if "ServerApp executor" in line
+    ]
+    warm = [line for line in executor_lines if "the installed fedmeta, run by the spare ServerApp" in line]
+    fresh = [line for line in executor_lines if "a fresh flwr-serverapp" in line]
+    # the first run and the restarted server's run: each server's first run of the installed fedmeta; the
+    # operator's modified app: a fresh process, as Flower starts one
+    assert len(warm) == 2 and len(fresh) == 1, executor_lines
+
+
+@pytest.mark.slow
+@pytest.mark.deployment
 def test_a_hospital_with_an_unregistered_key_is_refused(deployment: Deployment) -> None:
     err = (deployment.processes.folder / "rogue.err").read_text().strip()
     assert deployment.rogue_status == 2, deployment.processes.output("rogue")[-3000:]

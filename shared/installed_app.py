@@ -1,0 +1,71 @@
+"""The fedmeta installed on this machine as Flower sees it: its FAB and that FAB's hash, and the Runtime API
+through which an executor of ours claims the tasks of a SuperNode or SuperLink on the same machine.
+
+A hospital runs only a FAB byte-identical to its installation (:mod:`client.trusted_app`); the server
+submits exactly that FAB and starts its ServerApp ahead for it (:mod:`server.serverapp_executor`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from shared.flower_processes import PROJECT_DIR
+
+
+def installed_files() -> dict[str, Path]:
+    """The files Flower's ``collect_files`` finds in the installed fedmeta, without walking the folders its
+    ``.gitignore`` excludes whole (a virtual environment there holds tens of thousands of files)."""
+    from flwr.cli.utils import build_pathspec, load_gitignore_patterns
+
+    gitignore = PROJECT_DIR / ".gitignore"
+    ignored = build_pathspec(load_gitignore_patterns(gitignore.read_bytes() if gitignore.is_file() else b""))
+    files = {}
+    for folder, subfolders, names in os.walk(PROJECT_DIR, followlinks=False):
+        relative = Path(folder).relative_to(PROJECT_DIR)
+        subfolders[:] = [d for d in subfolders if not ignored.match_file(f"{(relative / d).as_posix()}/")]
+        for name in names:
+            if not (Path(folder) / name).is_symlink():
+                files[(relative / name).as_posix()] = Path(folder) / name
+    return files
+
+
+def installed_fab() -> bytes:
+    """The FAB Flower builds from the installed fedmeta (`flwr run` of its folder; the build is deterministic)."""
+    from flwr.cli.build import build_fab_from_files
+
+    return build_fab_from_files(installed_files())[0]
+
+
+def installed_fab_hash() -> str:
+    """SHA-256 of :func:`installed_fab`, as Flower names a FAB."""
+    return hashlib.sha256(installed_fab()).hexdigest()
+
+
+@dataclass(frozen=True)
+class RuntimeApi:
+    """A SuperNode's or SuperLink's Runtime API, reached as it tells its executor."""
+
+    address: str
+    insecure: bool
+    certificates: bytes | None  # None with TLS: the system's root certificates
+
+    def client(self, component: str, token: str | None = None) -> Any:
+        """The executor's own client (no token), or one task's."""
+        from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
+        from flwr.supercore.retry import make_simple_http_retry_invoker
+        from flwr.supercore.runtime import RuntimeHttpClient
+
+        interceptors: list[Any] = [RuntimeVersionHttpInterceptor(component_name=component)]
+        if token is not None:
+            interceptors.append(RuntimeTokenHttpInterceptor(token))
+        return RuntimeHttpClient.from_server_address(
+            server_address=self.address,
+            insecure=self.insecure,
+            root_certificates=self.certificates,
+            interceptors=interceptors,
+            retry_invoker=make_simple_http_retry_invoker(),
+        )

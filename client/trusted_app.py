@@ -26,12 +26,11 @@ import hashlib
 import logging
 import shlex
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from shared.flower_processes import PROJECT_DIR, TASK_POLL_S, prompt_object_pulls
+from shared.flower_processes import PROJECT_DIR, prompt_object_pulls
 from shared.installed_app import RuntimeApi, installed_fab_hash
 
 log = logging.getLogger(__name__)
@@ -128,26 +127,13 @@ def serve_task(client: Any, task_type: str, installed: str, app: Callable[..., A
 
 def serve(api: RuntimeApi, installed: str, app: Callable[..., Any]) -> None:
     """Claim the SuperNode's tasks and serve them, one at a time (the SuperNode hands out one at a time)."""
-    import httpx
-    from flwr.proto.runtime_pb2 import AcquireTaskRequest
     from flwr.supercore.constant import TaskType
     from flwr.supernode.runtime import run_clientapp
 
     # a task is claimed as soon as the SuperNode makes it, before the SuperNode has the message's arrays
     prompt_object_pulls(run_clientapp, "pull_and_inflate_object_from_tree", LOCAL_PULL_RETRY_S)
-    executor = api.client("SuperExec")
-    request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP, TaskType.AGENT_APP])
-    while True:
-        try:
-            claimed = executor.AcquireTask(request)
-        except httpx.HTTPError as err:  # the SuperNode restarting its API; it ends this process when it exits
-            log.warning("the SuperNode's Runtime API did not answer (%s); asking again", err)
-            time.sleep(1.0)
-            continue
-        if claimed.HasField("task") and claimed.token:
-            serve_task(api.client("flwr-clientapp", claimed.token), claimed.task.type, installed, app)
-        else:
-            time.sleep(TASK_POLL_S)
+    for token, task in api.claimed_tasks([TaskType.CLIENT_APP, TaskType.AGENT_APP], "SuperNode"):
+        serve_task(api.client("flwr-clientapp", token), task.type, installed, app)
 
 
 def main() -> None:

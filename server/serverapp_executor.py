@@ -30,8 +30,6 @@ import sys
 import time
 from queue import Queue
 
-import httpx
-from flwr.proto.runtime_pb2 import AcquireTaskRequest
 from flwr.supercore.app_utils import start_parent_process_monitor
 from flwr.supercore.constant import TaskType
 from flwr.supercore.logger import mirror_output_to_queue, restore_output
@@ -99,19 +97,8 @@ def wait_until_listening(address: str) -> None:
 def serve(plugin: AutoExecPlugin, api: RuntimeApi) -> None:
     """Claim the SuperLink's ServerApp tasks and launch each, as Flower's SuperExec does."""
     wait_until_listening(api.address)
-    executor = api.client("SuperExec")
-    request = AcquireTaskRequest(supported_task_types=[TaskType.SERVER_APP])
-    while True:
-        try:
-            claimed = executor.AcquireTask(request)
-        except httpx.HTTPError as err:  # the SuperLink restarting its API; it ends this process when it exits
-            log.warning("the SuperLink's Runtime API did not answer (%s); asking again", err)
-            time.sleep(1.0)
-            continue
-        if claimed.HasField("task") and claimed.token:
-            plugin.launch_task(token=claimed.token, task=claimed.task)
-        else:
-            time.sleep(TASK_POLL_S)
+    for token, task in api.claimed_tasks([TaskType.SERVER_APP], "SuperLink"):
+        plugin.launch_task(token=token, task=task)
 
 
 def run_spare(args: argparse.Namespace, certificates: bytes | None) -> None:

@@ -8,12 +8,17 @@ submits exactly that FAB and starts its ServerApp ahead for it (:mod:`server.ser
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shared.flower_processes import PROJECT_DIR
+from shared.flower_processes import PROJECT_DIR, TASK_POLL_S
+
+log = logging.getLogger(__name__)
 
 
 def installed_files() -> dict[str, Path]:
@@ -69,3 +74,23 @@ class RuntimeApi:
             interceptors=interceptors,
             retry_invoker=make_simple_http_retry_invoker(),
         )
+
+    def claimed_tasks(self, task_types: list[int], peer: str) -> Iterator[tuple[str, Any]]:
+        """``(token, task)`` for every task of ``task_types`` the ``peer`` (SuperNode or SuperLink) hands out,
+        claimed as the executor, for as long as the caller takes them."""
+        import httpx
+        from flwr.proto.runtime_pb2 import AcquireTaskRequest
+
+        executor = self.client("SuperExec")
+        request = AcquireTaskRequest(supported_task_types=task_types)
+        while True:
+            try:
+                claimed = executor.AcquireTask(request)
+            except httpx.HTTPError as err:  # the peer restarting its API; it ends this process when it exits
+                log.warning("the %s's Runtime API did not answer (%s); asking again", peer, err)
+                time.sleep(1.0)
+                continue
+            if claimed.HasField("task") and claimed.token:
+                yield claimed.token, claimed.task
+            else:
+                time.sleep(TASK_POLL_S)

@@ -270,7 +270,9 @@ def flwr_run_command(
     written to ``work_dir/run-config.toml``."""
     config_file = work_dir / "run-config.toml"
     config_file.write_text("".join(f'"{k}" = {toml_value(v)}\n' for k, v in run_config.items()))
-    command = [flower_bin("flwr"), "run", str(PROJECT_DIR), connection, "--run-config", str(config_file)]
+    # Flower's CLI with a prompt FAB build (shared.flwr_cli): the same FAB, without walking .venv
+    command = [sys.executable, "-m", "shared.flwr_cli", "run", str(PROJECT_DIR), connection]
+    command += ["--run-config", str(config_file)]
     if federation:
         command += ["--federation-config", " ".join(f"{k}={toml_value(v)}" for k, v in federation.items())]
     return [*command, "--stream"]

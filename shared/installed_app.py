@@ -21,16 +21,16 @@ from shared.flower_processes import PROJECT_DIR, TASK_POLL_S
 log = logging.getLogger(__name__)
 
 
-def installed_files() -> dict[str, Path]:
-    """The files Flower's ``collect_files`` finds in the installed fedmeta, without walking the folders its
-    ``.gitignore`` excludes whole (a virtual environment there holds tens of thousands of files)."""
+def app_files(root: Path = PROJECT_DIR) -> dict[str, Path]:
+    """The files Flower's ``collect_files`` finds in the app folder ``root`` that its FAB build keeps, without
+    walking the folders its ``.gitignore`` excludes whole (a virtual environment there holds tens of thousands)."""
     from flwr.cli.utils import build_pathspec, load_gitignore_patterns
 
-    gitignore = PROJECT_DIR / ".gitignore"
+    gitignore = root / ".gitignore"
     ignored = build_pathspec(load_gitignore_patterns(gitignore.read_bytes() if gitignore.is_file() else b""))
     files = {}
-    for folder, subfolders, names in os.walk(PROJECT_DIR, followlinks=False):
-        relative = Path(folder).relative_to(PROJECT_DIR)
+    for folder, subfolders, names in os.walk(root, followlinks=False):
+        relative = Path(folder).relative_to(root)
         subfolders[:] = [d for d in subfolders if not ignored.match_file(f"{(relative / d).as_posix()}/")]
         for name in names:
             if not (Path(folder) / name).is_symlink():
@@ -42,7 +42,7 @@ def installed_fab() -> bytes:
     """The FAB Flower builds from the installed fedmeta (`flwr run` of its folder; the build is deterministic)."""
     from flwr.cli.build import build_fab_from_files
 
-    return build_fab_from_files(installed_files())[0]
+    return build_fab_from_files(app_files())[0]
 
 
 def installed_fab_hash() -> str:

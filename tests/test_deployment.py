@@ -43,11 +43,12 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+from flwr.cli.build import build_fab_from_disk
 from safetensors.numpy import load_file
 
 from server.deploy import flwr_json
 from server.round_log import read_round_log
-from shared import cli
+from shared import cli, flwr_cli
 from shared.certs import CA_CERT, SERVER_CERT, SERVER_KEY, make_certs, make_hospital_key
 from shared.errors import UserError
 from shared.flower_processes import (
@@ -58,6 +59,7 @@ from shared.flower_processes import (
     wait_until_gone,
     write_connection,
 )
+from shared.installed_app import app_files
 from shared.run_folder import META_MODEL, REPLIES
 from shared.wire import FLAT_ARRAY, GRADIENT_KEY, HOSPITAL_KEY, METRICS_KEY, NO_DP_TRAIN_METRICS, layout_key
 from simulations.data.synthetic import write_synthetic_hospital
@@ -115,6 +117,19 @@ def modified_copy(installed: Path, dest: Path, marker: Path) -> Path:
     with open(dest / "client" / "app.py", "a") as app:
         app.write(MODIFIED_CLIENT_APP.format(marker=str(marker)))
     return dest
+
+
+def test_fedmeta_builds_the_fab_flwr_run_builds_without_walking_what_gitignore_excludes(tmp_path: Path) -> None:
+    app = installed_copy(tmp_path / "fedmeta")
+    (app / ".venv" / "lib").mkdir(parents=True)
+    (app / ".venv" / "lib" / "site.py").write_text("print('a virtual environment')\n")
+    (app / "runs" / "demo").mkdir(parents=True)
+    (app / "runs" / "demo" / "metrics.jsonl").write_text("{}\n")
+    (app / "linked.py").symlink_to(app / "client" / "app.py")
+    ours = flwr_cli.build_fab_from_disk(app)
+    assert ours == build_fab_from_disk(app)  # Flower's own walk and build: byte for byte
+    files = app_files(app)
+    assert "client/app.py" in files and not {".venv/lib/site.py", "runs/demo/metrics.jsonl", "linked.py"} & set(files)
 
 
 class Processes:

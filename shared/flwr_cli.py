@@ -15,14 +15,13 @@ import sys
 from pathlib import Path
 
 from flwr.cli.app import app
-from flwr.cli.build import build_fab_from_files
 from flwr.cli.run import run as flwr_run
 
-from shared.installed_app import app_files
+from shared.installed_app import app_fab
 
 
 def build_fab_from_disk(app_dir: Path) -> bytes:
-    return build_fab_from_files(app_files(app_dir.expanduser().resolve()))[0]
+    return app_fab(app_dir.expanduser().resolve())
 
 
 if __name__ == "__main__":

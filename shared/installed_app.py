@@ -38,16 +38,16 @@ def app_files(root: Path = PROJECT_DIR) -> dict[str, Path]:
     return files
 
 
-def installed_fab() -> bytes:
-    """The FAB Flower builds from the installed fedmeta (`flwr run` of its folder; the build is deterministic)."""
+def app_fab(root: Path = PROJECT_DIR) -> bytes:
+    """The FAB Flower builds from the app folder ``root`` (``flwr run`` of it; the build is deterministic)."""
     from flwr.cli.build import build_fab_from_files
 
-    return build_fab_from_files(app_files())[0]
+    return build_fab_from_files(app_files(root))[0]
 
 
 def installed_fab_hash() -> str:
-    """SHA-256 of :func:`installed_fab`, as Flower names a FAB."""
-    return hashlib.sha256(installed_fab()).hexdigest()
+    """SHA-256 of the installed fedmeta's :func:`app_fab`, as Flower names a FAB."""
+    return hashlib.sha256(app_fab()).hexdigest()
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict, UserConfig
 from flwr.clientapp import ClientApp
 
 from client.hospital import Hospital
@@ -83,6 +83,17 @@ def open_hospital(context: Context, run_cfg: FedMetaConfig) -> Hospital | Policy
     if isinstance(governed, PolicyRefusal):
         return governed
     return Hospital(folder, governed, pick_device(), state_dir=state_dir, policy=policy)
+
+
+def warm_up(node_config: UserConfig) -> None:
+    """Before this hospital's first task, what its first training step would compute once per process, for the
+    installed default run config under its policy (:meth:`Hospital.warm_up_accountant`). Nothing is released or
+    written, and the global random stream (the hospital's model is built from it) is left as it was."""
+    context = Context(run_id=0, node_id=0, node_config=node_config, state=RecordDict(), run_config={})
+    with torch.random.fork_rng(devices=[]):
+        hospital = open_hospital(context, FedMetaConfig())
+    if isinstance(hospital, Hospital):
+        hospital.warm_up_accountant()
 
 
 def receive_params(msg: Message, hospital: Hospital) -> Params:

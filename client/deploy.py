@@ -327,7 +327,7 @@ def join(settings: ClientSettings) -> None:
     log_path = settings.state_dir / "supernode.log"
     env = flower_env(settings.state_dir / "flower")
     task_commands = settings.state_dir / "bin"
-    write_task_commands(task_commands)
+    write_task_commands(task_commands, settings.node_config())
     env["PATH"] = f"{task_commands}{os.pathsep}{env['PATH']}"
     security = "TLS, key " + str(settings.key) if settings.key else "INSECURE"
     say(f"hospital {settings.name} ({settings.hospital}) joining {settings.server} ({security}); log {log_path}")

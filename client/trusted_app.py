@@ -12,7 +12,10 @@ So ``fedmeta client`` puts this module first on PATH as ``flower-superexec`` (se
 with the SuperNode. It hashes the FAB that Flower's own builder makes from this hospital's installed
 fedmeta, then imports the installed ClientApp, once, then claims the SuperNode's tasks one after another
 and serves each with its own task token the way ``flwr-clientapp`` would, in this process: data, model
-code and libraries stay loaded between messages and rounds. A task whose FAB is not byte-identical to the
+code and libraries stay loaded between messages and rounds. While the first tasks come (the server's roll
+call is answered at once), it computes what the hospital's first training step would compute once per
+process (:func:`client.app.warm_up`, from the node config ``fedmeta client`` gives its SuperNode too); a
+train or evaluate task waits for that to finish. A task whose FAB is not byte-identical to the
 installed one (other code, another version, an extra file) is answered with an error, and nothing of it
 is unpacked or imported; the FAB of an accepted task is not installed either, since the code it holds is
 already running. Every other kind of task (an agent app) is refused, and every other Flower task command
@@ -26,6 +29,7 @@ import hashlib
 import logging
 import shlex
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -56,12 +60,14 @@ def refusal(task_type: str, fab_content: bytes, installed: str) -> str | None:
     return None
 
 
-def write_task_commands(bin_dir: Path) -> None:
-    """The executables the SuperNode finds first on PATH: this module as ``flower-superexec``, a refusal for
-    every task command (nothing but this module starts the hospital's tasks)."""
+def write_task_commands(bin_dir: Path, node_config: str) -> None:
+    """The executables the SuperNode finds first on PATH: this module as ``flower-superexec`` (with the
+    SuperNode's ``node_config``), a refusal for every task command (nothing but this module starts the
+    hospital's tasks)."""
     bin_dir.mkdir(parents=True, exist_ok=True)
     python = shlex.quote(sys.executable)
-    scripts = {EXECUTOR_COMMAND: f'exec {python} -m client.trusted_app "$@"\n'}
+    executor = f"exec {python} -m client.trusted_app --node-config {shlex.quote(node_config)}"
+    scripts = {EXECUTOR_COMMAND: f'{executor} "$@"\n'}
     for name in TASK_COMMANDS:
         scripts[name] = (
             f"echo '{REFUSED_PREFIX}: a hospital runs only its installed ClientApp, not {name}' >&2\nexit 1\n"
@@ -90,9 +96,12 @@ def task_heartbeat(client: Any) -> Callable[[], bool]:
     return beat
 
 
-def serve_task(client: Any, task_type: str, installed: str, app: Callable[..., Any]) -> None:
-    """One task, served as ``flwr-clientapp`` serves it: by the installed ClientApp, or refused."""
-    from flwr.app import Error, Message
+def serve_task(
+    client: Any, task_type: str, installed: str, app: Callable[..., Any], warmed_up: threading.Thread
+) -> None:
+    """One task, served as ``flwr-clientapp`` serves it: by the installed ClientApp, or refused. Only the
+    roll call (a query) goes ahead of the warm-up."""
+    from flwr.app import Error, Message, MessageType
     from flwr.common.constant import ErrorCode, SubStatus
     from flwr.supercore.heartbeat import HeartbeatSender
     from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
@@ -105,6 +114,8 @@ def serve_task(client: Any, task_type: str, installed: str, app: Callable[..., A
         message, context, run, fab = pull_task_input(client)
         refused = refusal(task_type, fab.content, installed)
         if refused is None:
+            if message.metadata.message_type != MessageType.QUERY:
+                warmed_up.join()
             reply = app(message=message, context=context)
             status, details = SubStatus.COMPLETED, ""
         else:
@@ -125,7 +136,7 @@ def serve_task(client: Any, task_type: str, installed: str, app: Callable[..., A
         client.close()
 
 
-def serve(api: RuntimeApi, installed: str, app: Callable[..., Any]) -> None:
+def serve(api: RuntimeApi, installed: str, app: Callable[..., Any], warmed_up: threading.Thread) -> None:
     """Claim the SuperNode's tasks and serve them, one at a time (the SuperNode hands out one at a time)."""
     from flwr.supercore.constant import TaskType
     from flwr.supernode.runtime import run_clientapp
@@ -133,16 +144,29 @@ def serve(api: RuntimeApi, installed: str, app: Callable[..., Any]) -> None:
     # a task is claimed as soon as the SuperNode makes it, before the SuperNode has the message's arrays
     prompt_object_pulls(run_clientapp, "pull_and_inflate_object_from_tree", LOCAL_PULL_RETRY_S)
     for token, task in api.claimed_tasks([TaskType.CLIENT_APP, TaskType.AGENT_APP], "SuperNode"):
-        serve_task(api.client("flwr-clientapp", token), task.type, installed, app)
+        serve_task(api.client("flwr-clientapp", token), task.type, installed, app, warmed_up)
+
+
+def warm_up(node_config: str) -> None:
+    """:func:`client.app.warm_up` for the SuperNode's ``--node-config``; a failure is the first task's to report."""
+    from flwr.common.config import parse_config_args
+
+    from client.app import warm_up as warm_up_app
+
+    try:
+        warm_up_app(parse_config_args([node_config]))
+    except Exception as err:  # the first task meets the same problem and answers it as a task does
+        log.info("warm-up skipped: %s", err)
 
 
 def main() -> None:
     """``flower-superexec`` as the SuperNode starts it: ``--runtime-api-address``, ``--insecure`` or
-    ``--root-certificates``, ``--parent-pid``."""
+    ``--root-certificates``, ``--parent-pid``; and, from :func:`write_task_commands`, ``--node-config``."""
     from flwr.supercore.app_utils import start_parent_process_monitor
     from flwr.supercore.tls import validate_and_resolve_root_certificates
 
     parser = argparse.ArgumentParser(prog="flower-superexec (fedmeta's hospital executor)")
+    parser.add_argument("--node-config", required=True, help="the SuperNode's --node-config")
     parser.add_argument("--runtime-api-address", required=True)
     parser.add_argument("--insecure", action="store_true")
     parser.add_argument("--root-certificates")
@@ -156,8 +180,10 @@ def main() -> None:
         installed = installed_fab_hash()
         from client.app import app  # after hashing: the code that runs is the code that was hashed
 
+        warmed_up = threading.Thread(target=warm_up, args=(args.node_config,), daemon=True)
+        warmed_up.start()
         certificates = validate_and_resolve_root_certificates(args.root_certificates, args.insecure)
-        serve(RuntimeApi(args.runtime_api_address, args.insecure, certificates), installed, app)
+        serve(RuntimeApi(args.runtime_api_address, args.insecure, certificates), installed, app, warmed_up)
     except KeyboardInterrupt:
         pass
 

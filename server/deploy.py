@@ -20,16 +20,18 @@ wait first, bounded by the same ``server.wait-for-nodes-s``.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
 import json
 import os
 import re
 import subprocess
 import sys
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from server.outcome import RunOutcome, read_outcome
 from shared.certs import CA_CERT, SERVER_CERT, SERVER_KEY, hospital_public_keys
@@ -48,6 +50,9 @@ from shared.flower_processes import (
     wait_for_port,
     write_connection,
 )
+
+if TYPE_CHECKING:
+    from server.control import ControlApi
 
 CONTROL_HOST = "127.0.0.1"  # the Control and Runtime APIs listen on loopback only
 LOG_LINE = re.compile(r"^\d\d/\d\d/\d{4} [\d:]+:(WARNING|ERROR):(.*)$")  # the ServerApp's Python logging
@@ -212,30 +217,21 @@ def flwr_json(args: list[str], env: dict[str, str]) -> dict[str, Any]:
         return {"success": False, "error-message": out.strip() or f"`flwr {' '.join(args)}` printed nothing"}
 
 
-def register_hospitals(keys: dict[str, Path], env: dict[str, str]) -> None:
-    """``flwr supernode register`` each key, all at once; a key registered by an earlier start is fine."""
-    with ThreadPoolExecutor(max_workers=max(1, len(keys))) as pool:
-        answers = pool.map(
-            lambda item: flwr_json(["supernode", "register", str(item[1]), CONNECTION, "--name", item[0]], env),
-            keys.items(),
-        )
-    for (name, public_key), answer in zip(keys.items(), answers, strict=True):
-        error = str(answer.get("error-message", ""))
-        if answer.get("success"):
+def register_hospitals(keys: dict[str, Path], control: ControlApi) -> None:
+    """Register each hospital key under its name; a key registered by an earlier start is fine."""
+    for name, public_key in keys.items():
+        if control.register(name, public_key):
             say(f"hospital {name} registered")
-        elif "already in use" in error:  # the SuperLink's database remembers earlier starts
+        else:  # the SuperLink's database remembers earlier starts
             say(f"hospital {name} was registered before")
-        else:
-            raise UserError(f"registering {public_key} failed: {error.splitlines()[-1] if error else 'no answer'}")
 
 
-def wait_for_hospitals(settings: ServerSettings, env: dict[str, str]) -> None:
+def wait_for_hospitals(settings: ServerSettings, control: ControlApi) -> None:
     wanted, wait_s = settings.min_hospitals, settings.cfg.server.wait_for_nodes_s
     deadline = time.monotonic() + wait_s
     online = -1
     while True:
-        nodes = flwr_json(["supernode", "ls", CONNECTION], env).get("nodes", [])
-        now_online = sum(node.get("status") == "online" for node in nodes)
+        now_online = control.online_nodes()
         if now_online != online:
             online = now_online
             say(f"{online}/{wanted} hospitals connected")
@@ -294,6 +290,8 @@ def serve(settings: ServerSettings) -> None:
         # first: its spare ServerApp imports fedmeta while the SuperLink starts
         executor = ProcessTree(executor_command(settings), env, log_file)
         superlink = ProcessTree(superlink_command(settings), env, log_file)
+        # Flower's Control API client (its CLI modules: seconds of imports) loads while the SuperLink starts
+        threading.Thread(target=importlib.import_module, args=("server.control",), daemon=True).start()
         try:
             wait_for_port(settings.control_port, superlink, log_path)
             security = "TLS, hospital authentication" if settings.certs else "INSECURE"
@@ -301,11 +299,15 @@ def serve(settings: ServerSettings) -> None:
                 f"SuperLink: hospitals on {settings.host}:{settings.port} (Fleet API only, {security}); "
                 f"operator on {settings.control_address} (this machine only); log {log_path}"
             )
-            register_hospitals(keys, env)
-            if settings.min_hospitals > settings.cfg.server.min_train_nodes:
-                wait_for_hospitals(settings, env)
-            else:
-                say(f"round 1 starts when {settings.cfg.server.min_train_nodes} hospitals are connected")
+            from server.control import ControlApi
+
+            ca = settings.certs and settings.certs / CA_CERT
+            with contextlib.closing(ControlApi(CONNECTION, settings.control_address, ca)) as control:
+                register_hospitals(keys, control)
+                if settings.min_hospitals > settings.cfg.server.min_train_nodes:
+                    wait_for_hospitals(settings, control)
+                else:
+                    say(f"round 1 starts when {settings.cfg.server.min_train_nodes} hospitals are connected")
             outcome = submit(settings, env)
         finally:
             stop_process_tree(executor)

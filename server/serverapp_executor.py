@@ -14,8 +14,15 @@ the outcome pushed); the ``server.app`` Flower loads from that FAB is the module
 code byte for byte. Every other run (a later one, or an operator's own app) is started as Flower's SuperExec
 starts it: a fresh ``flwr-serverapp``.
 
+The executor claims no task before the spare has imported fedmeta (or exited): Flower's SuperLink takes back a
+task whose process has not started within 30 s of the claim (``HEARTBEAT_DEFAULT_INTERVAL``) and offers it again,
+so a spare still importing when ``fedmeta server`` submits its run (which it does seconds after the SuperLink is
+up) would lose the run to a fresh ``flwr-serverapp`` that imports everything once more: seen on a busy machine,
+round 1 at 101 s instead of about 65 s.
+
 Usage: ``python -m server.serverapp_executor --runtime-api-address HOST:PORT (--insecure | --root-certificates
-CA) [--parent-pid PID]``; with ``--spare`` it is the spare, which reads its run's task token from stdin.
+CA) [--parent-pid PID]``; with ``--spare FD`` it is the spare, which closes file descriptor FD once it has
+imported fedmeta and reads its run's task token from stdin.
 """
 
 from __future__ import annotations
@@ -45,16 +52,24 @@ log = logging.getLogger(__name__)
 
 
 class Spare:
-    """A ServerApp process that has imported the installed fedmeta and waits for its run's task token."""
+    """A ServerApp process that imports the installed fedmeta and waits for its run's task token."""
 
     def __init__(self, api_args: list[str]) -> None:
+        self._imported, imported = os.pipe()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "server.serverapp_executor", "--spare", *api_args],
+            [sys.executable, "-m", "server.serverapp_executor", "--spare", str(imported), *api_args],
             stdin=subprocess.PIPE,
             # as Flower's SuperExec starts a ServerApp: its output reaches the operator through the run's log
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            pass_fds=(imported,),
         )
+        os.close(imported)
+
+    def wait_until_imported(self) -> None:
+        """Until the spare has imported fedmeta, or has exited."""
+        os.read(self._imported, 1)  # b"": the spare closed its end
+        os.close(self._imported)
 
     def take(self, token: str) -> bool:
         """Hand the spare its run; False when it has exited (then nothing was handed over)."""
@@ -94,8 +109,9 @@ def wait_until_listening(address: str) -> None:
         time.sleep(TASK_POLL_S)
 
 
-def serve(plugin: AutoExecPlugin, api: RuntimeApi) -> None:
-    """Claim the SuperLink's ServerApp tasks and launch each, as Flower's SuperExec does."""
+def serve(plugin: AutoExecPlugin, api: RuntimeApi, spare: Spare) -> None:
+    """Claim the SuperLink's ServerApp tasks and launch each, as Flower's SuperExec does, once the spare is ready."""
+    spare.wait_until_imported()
     wait_until_listening(api.address)
     for token, task in api.claimed_tasks([TaskType.SERVER_APP], "SuperLink"):
         plugin.launch_task(token=token, task=task)
@@ -105,6 +121,7 @@ def run_spare(args: argparse.Namespace, certificates: bytes | None) -> None:
     """Import the installed ServerApp, then run the task whose token arrives on stdin as ``flwr-serverapp`` would."""
     import server.app  # noqa: F401  the import this process is started ahead for
 
+    os.close(args.spare)  # the executor may claim tasks now
     token = sys.stdin.readline().strip()
     if not token:  # the executor ended before a run came
         return
@@ -128,10 +145,10 @@ def main() -> None:
     parser.add_argument("--insecure", action="store_true")
     parser.add_argument("--root-certificates")
     parser.add_argument("--parent-pid", type=int)
-    parser.add_argument("--spare", action="store_true", help="be the spare ServerApp process")
+    parser.add_argument("--spare", type=int, metavar="FD", help="be the spare ServerApp process; close FD when ready")
     args = parser.parse_args()
     certificates = validate_and_resolve_root_certificates(args.root_certificates, args.insecure)
-    if args.spare:
+    if args.spare is not None:
         run_spare(args, certificates)
         return
     if args.parent_pid is not None:
@@ -150,7 +167,7 @@ def main() -> None:
         executor=WarmFirstRun(installed_fab_hash(), spare),
     )
     with contextlib.suppress(KeyboardInterrupt):  # SIGINT from the parent monitor, or Ctrl-C
-        serve(plugin, RuntimeApi(args.runtime_api_address, args.insecure, certificates))
+        serve(plugin, RuntimeApi(args.runtime_api_address, args.insecure, certificates), spare)
 
 
 if __name__ == "__main__":

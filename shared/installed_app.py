@@ -50,6 +50,26 @@ def installed_fab_hash() -> str:
     return hashlib.sha256(app_fab()).hexdigest()
 
 
+def task_retry_invoker() -> Any:
+    """Flower's retry invoker for one task's calls, except that a task the SuperNode or SuperLink no longer knows
+    (its run stopped: 403; its token gone: 401) fails that call with the HTTP error. Flower's own sends SIGINT to
+    the whole process on a 401 (ending a one-task ``flwr-clientapp``) and raises past ``httpx.HTTPError`` on a
+    403, which would end an executor that serves every later task too."""
+    import httpx
+    from flwr.supercore.retry import make_simple_http_retry_invoker
+
+    invoker = make_simple_http_retry_invoker()
+    flower_should_giveup = invoker.should_giveup
+
+    def should_giveup(err: Exception) -> bool:
+        if isinstance(err, httpx.HTTPStatusError) and err.response.status_code in (401, 403):
+            return True
+        return flower_should_giveup(err)
+
+    invoker.should_giveup = should_giveup
+    return invoker
+
+
 @dataclass(frozen=True)
 class RuntimeApi:
     """A SuperNode's or SuperLink's Runtime API, reached as it tells its executor."""
@@ -72,7 +92,7 @@ class RuntimeApi:
             insecure=self.insecure,
             root_certificates=self.certificates,
             interceptors=interceptors,
-            retry_invoker=make_simple_http_retry_invoker(),
+            retry_invoker=make_simple_http_retry_invoker() if token is None else task_retry_invoker(),
         )
 
     def claimed_tasks(self, task_types: list[int], peer: str) -> Iterator[tuple[str, Any]]:

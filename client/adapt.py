@@ -1,17 +1,9 @@
 """``fedmeta adapt``: a new hospital's own model from the meta-model and K labelled scans per class.
 
 The K shots per class (drawn from the hospital's train split with the seed) are the whole labelled budget.
-How to adapt is chosen on them alone, by leave-one-shot-per-class-out cross-validation (fold j holds out
-the j-th shot of every class), among:
-
-* ``inner-loop-<k>``: the meta-training inner loop, k steps (``maml.inner-steps`` and ``episode.eval-steps``, and 0
-  with ``maml.head-init=prototypes``: the shots' nearest class mean);
-* ``fine-tune-lr<lr>``: Adam on every parameter from the meta-model (with the head its inner loop starts from);
-* ``scratch-lr<lr>``: the same recipe from a fresh initialisation, what the hospital has without fedmeta;
-
-the recipes, step counts and rates of :class:`~shared.learning.evaluation.FewShotProtocol`, the one protocol the
-server's held-out comparison and ``bench quality`` use too. The rule prefers the meta-model: scratch only when it
-wins by more than a standard error (:data:`CHOICE_RULE`).
+How to adapt is chosen on them alone (:mod:`shared.learning.adaptation`: inner loop, fine-tune or scratch, by
+leave-one-shot-per-class-out cross-validation; the procedure the server's held-out comparison and ``bench quality``
+score as ``deployed``).
 
 The chosen candidate is trained on all the shots and evaluated once on the hospital's test split, next to
 the best scratch candidate (chosen by the same validation), with bootstrap intervals for both and for
@@ -29,13 +21,10 @@ import argparse
 import dataclasses
 import json
 import sys
-from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import numpy as np
 import torch
 
 from client.adapted_model import (
@@ -46,138 +35,14 @@ from client.adapted_model import (
     check_model_folder,
     save_adapted_model,
 )
-from shared.config import FedMetaConfig
 from shared.data.dicom import PreprocessConfig
 from shared.data.hospital_folder import HospitalData, load_hospital, preprocess_for
 from shared.errors import UserError
-from shared.learning.evaluation import (
-    BOOTSTRAP_RESAMPLES,
-    FewShotProtocol,
-    classification_metrics,
-    few_shot_tasks,
-    paired_bootstrap,
-)
+from shared.learning.adaptation import CHOICE_RULE, choose_adaptation, fit
+from shared.learning.evaluation import BOOTSTRAP_RESAMPLES, FewShotProtocol, few_shot_tasks, paired_bootstrap
 from shared.learning.maml import INNER_LR_PREFIX, MetaLearner, Params, intra_op_threads
 from shared.learning.models import HEAD_PREFIX, build_model
 from shared.run_folder import MetaModel, load_meta_model
-
-CandidateKind = Literal["inner-loop", "fine-tune", "scratch"]
-
-
-@dataclass(frozen=True, eq=False)
-class Candidate:
-    name: str
-    kind: CandidateKind
-    init: Params
-    steps: int
-    lr: float | None = None  # Adam's; None for the inner loop (SGD at the meta-learned or configured rates)
-
-    def recipe(self) -> str:
-        if self.kind == "inner-loop":
-            return f"meta-training inner loop from the meta-model, {self.steps} SGD steps"
-        start = "the meta-model" if self.kind == "fine-tune" else "a fresh initialisation"
-        return f"Adam from {start}, {self.steps} full-batch steps, lr {self.lr:g}"
-
-
-def candidates(cfg: FedMetaConfig, meta_init: Params, fresh_init: Params) -> list[Candidate]:
-    protocol = FewShotProtocol.for_run(cfg)
-    steps = protocol.fine_tune_steps
-    inner_steps = {cfg.maml.inner_steps, protocol.inner_steps} - {0}
-    if cfg.maml.head_init == "prototypes":  # 0 steps is a classifier of its own when the head is made from the shots
-        inner_steps.add(0)
-    inner = [Candidate(f"inner-loop-{k}", "inner-loop", meta_init, k) for k in sorted(inner_steps)]
-    fine = [Candidate(f"fine-tune-lr{lr:g}", "fine-tune", meta_init, steps, lr) for lr in protocol.adam_lrs]
-    scratch = [Candidate(f"scratch-lr{lr:g}", "scratch", fresh_init, steps, lr) for lr in protocol.adam_lrs]
-    return inner + fine + scratch
-
-
-def fit(learner: MetaLearner, candidate: Candidate, sx: torch.Tensor, sy: torch.Tensor) -> Params:
-    """The model's parameters after training ``candidate`` on the shots ``sx``, ``sy``."""
-    if candidate.kind == "inner-loop":
-        adapted = FewShotProtocol.inner_loop(learner, candidate.init, sx, sy, candidate.steps)
-        return {name: adapted[name] for name, _ in learner.model.named_parameters()}
-    assert candidate.lr is not None
-    train = FewShotProtocol.fine_tune if candidate.kind == "fine-tune" else FewShotProtocol.adam
-    return train(learner, candidate.init, sx, sy, candidate.steps, candidate.lr)
-
-
-@dataclass(frozen=True)
-class Validation:
-    """Each candidate's out-of-fold scores on the shots, and its balanced accuracy on each fold."""
-
-    scores: dict[str, dict[str, float]]  # candidate -> out-of-fold balanced-accuracy and log-loss
-    fold_accuracy: dict[str, np.ndarray]  # candidate -> per fold; a fold holds one shot per class
-
-    def best(self, options: Iterable[Candidate]) -> Candidate:
-        """The best out-of-fold balanced accuracy, ties broken by lower log-loss."""
-        return max(options, key=lambda c: (self.scores[c.name]["balanced-accuracy"], -self.scores[c.name]["log-loss"]))
-
-    def best_of_each(self, options: list[Candidate]) -> tuple[Candidate, Candidate]:
-        """The best candidate from the meta-model (inner loop or fine-tune) and the best from scratch."""
-        return (
-            self.best(c for c in options if c.kind != "scratch"),
-            self.best(c for c in options if c.kind == "scratch"),
-        )
-
-    def margin(self, better: Candidate, than: Candidate) -> dict[str, float]:
-        """Mean per-fold balanced-accuracy difference ``better`` - ``than`` and its standard error."""
-        diff = self.fold_accuracy[better.name] - self.fold_accuracy[than.name]
-        return {"mean": float(diff.mean()), "standard_error": float(diff.std(ddof=1) / np.sqrt(len(diff)))}
-
-
-def cross_validate(
-    learner: MetaLearner, options: list[Candidate], sx: torch.Tensor, sy: torch.Tensor, shots: int
-) -> Validation:
-    """Out-of-fold scores of each candidate.
-
-    Shots are class-major, so fold j holds out the shots at index % shots == j. The (candidate, fold) fits
-    are tiny full-batch steps: they run on a thread pool with one intra-op thread each, which is also what
-    keeps them fast on a CPU shared with other processes.
-    """
-    fold = np.arange(len(sy)) % shots
-
-    def held_out_probs(job: tuple[Candidate, int]) -> np.ndarray:
-        candidate, j = job
-        held = torch.from_numpy(fold == j)
-        params = fit(learner, candidate, sx[~held], sy[~held])
-        with torch.no_grad():
-            return learner.logits(params, sx[held]).softmax(-1).numpy()
-
-    jobs = [(candidate, j) for candidate in options for j in range(shots)]
-    workers = torch.get_num_threads()
-    with intra_op_threads(1), ThreadPoolExecutor(workers) as pool:
-        results = dict(zip(jobs, pool.map(held_out_probs, jobs), strict=True))
-    y = sy.numpy()
-    scores, fold_accuracy = {}, {}
-    for candidate in options:
-        probs = np.zeros((len(y), learner.model.head.out_features))
-        for j in range(shots):
-            probs[fold == j] = results[candidate, j]
-        scores[candidate.name] = {
-            "balanced-accuracy": classification_metrics(y, probs)["balanced-accuracy"],
-            "log-loss": float(-np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, None)).mean()),
-        }
-        correct = probs.argmax(1) == y
-        fold_accuracy[candidate.name] = np.array([correct[fold == j].mean() for j in range(shots)])
-    return Validation(scores, fold_accuracy)
-
-
-CHOICE_RULE = (
-    "the meta-model's best candidate (inner loop or fine-tune) unless the best scratch candidate's per-fold balanced "
-    "accuracy is higher on average by more than one standard error of the paired difference"
-)
-
-
-def choose_candidate(options: list[Candidate], validation: Validation) -> Candidate:
-    """The candidate a new hospital deploys (:data:`CHOICE_RULE`).
-
-    Out-of-fold scores on a few shots are noisy: the plain best score picked scratch in 19 of 48 ten-shot blood-cell
-    tasks and scored 2 points below always fine-tuning the meta-model, so scratch has to win clearly.
-    """
-    meta, scratch = validation.best_of_each(options)
-    margin = validation.margin(scratch, meta)
-    return scratch if margin["mean"] > margin["standard_error"] else meta
-
 
 HEAD_PER_TASK = {
     "zero": "zeros at the start of every adaptation (maml.head-init=zero, as in meta-training)",
@@ -235,12 +100,12 @@ def adapt_hospital(
     model_cfg = dataclasses.replace(meta.cfg.model, n_way=classes)
     learner = MetaLearner(build_model(model_cfg), meta.cfg.maml)
     meta_init, head = meta_init_for(meta, classes)
-    options = candidates(meta.cfg, meta_init, FewShotProtocol.fresh_init(model_cfg, seed))
-
     sx, sy = torch.from_numpy(train.images[task.support]), torch.from_numpy(task.support_y)
-    validation = cross_validate(learner, options, sx, sy, shots)
-    chosen = choose_candidate(options, validation)
-    best_meta, baseline = validation.best_of_each(options)
+    fresh_init = FewShotProtocol.fresh_init(model_cfg, seed)
+    adaptation = choose_adaptation(learner, meta.cfg, meta_init, fresh_init, sx, sy, shots)
+    options, validation, rule = adaptation.options, adaptation.validation, adaptation.challenge
+    chosen = rule.chosen
+    baseline = validation.best(c for c in options if c.kind == "scratch")
     with intra_op_threads(1):
         modalities = tuple(sorted(data.report.images_by_modality))
         model = AdaptedModel(fit(learner, chosen, sx, sy), data.label_names, model_cfg, preprocess, modalities)
@@ -269,8 +134,9 @@ def adapt_hospital(
             "score": "out-of-fold balanced accuracy, ties broken by lower log-loss",
             "rule": CHOICE_RULE,
             "candidates": {c.name: {"recipe": c.recipe(), **validation.scores[c.name]} for c in options},
-            "best_meta_candidate": best_meta.name,
-            "scratch_minus_meta": validation.margin(baseline, best_meta),
+            "default_candidate": rule.default.name,
+            "challenger": rule.challenger.name,
+            "challenger_minus_default": rule.margin,
             "chosen": chosen.name,
         },
         "heldout": {
@@ -311,9 +177,9 @@ def summary(card: dict[str, Any]) -> str:
     for name, scores in validation["candidates"].items():
         mark = "  <- chosen" if name == validation["chosen"] else ""
         lines.append(f"  {name:<20} {scores['balanced-accuracy']:>8.3f} {scores['log-loss']:>9.3f}{mark}")
-    margin = validation["scratch_minus_meta"]
+    margin = validation["challenger_minus_default"]
     lines.append(
-        f"  scratch - {validation['best_meta_candidate']}: {margin['mean']:+.3f} per fold "
+        f"  {validation['challenger']} - {validation['default_candidate']}: {margin['mean']:+.3f} per fold "
         f"(standard error {margin['standard_error']:.3f}); rule: {validation['rule']}"
     )
 

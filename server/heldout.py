@@ -4,12 +4,15 @@ They are folders the server can read, ``FEDERATION/heldout/hospital-NNN`` (in a 
 run starts from another seed stream than the training hospitals, so their scanners and label sets are new).
 Each is evaluated with the one few-shot protocol (:class:`shared.learning.evaluation.FewShotProtocol`: K labelled
 scans per class from its train split, queries = its whole test split) during the run, and at the end compared
-with a model trained from scratch on exactly the same shots. The tasks follow the run's seed.
+with a model trained from scratch on exactly the same shots, led by what ``fedmeta adapt`` would deploy there
+(:mod:`shared.learning.adaptation`: its candidates cross-validated on the task's shots alone). The tasks follow the
+run's seed.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +22,7 @@ from shared.config import FedMetaConfig
 from shared.data.federation import HELDOUT_FOLDER, federation_dir, hospital_name
 from shared.data.hospital_folder import HospitalData, load_hospital, preprocess_for
 from shared.errors import UserError
+from shared.learning.adaptation import choose_adaptation, fit
 from shared.learning.evaluation import (
     FewShotProtocol,
     FewShotTask,
@@ -26,18 +30,21 @@ from shared.learning.evaluation import (
     few_shot_metrics,
     hospital_tasks,
     paired_gain,
+    predict,
 )
 from shared.learning.maml import MetaLearner, Params
 from shared.learning.models import build_model
+from shared.run_folder import DEPLOYED
 
 log = logging.getLogger(__name__)
 
 
 class HeldoutHospitals:
-    def __init__(self, cfg: FedMetaConfig) -> None:
+    def __init__(self, cfg: FedMetaConfig, folders: list[Path] | None = None) -> None:
+        """``folders``: other hospitals to evaluate the same way (``bench quality --score-on training``)."""
         self.cfg = cfg
-        self.root = federation_dir(cfg) / HELDOUT_FOLDER
-        self.folders = [self.root / hospital_name(i) for i in range(cfg.data.heldout_hospitals)]
+        root = federation_dir(cfg) / HELDOUT_FOLDER
+        self.folders = folders or [root / hospital_name(i) for i in range(cfg.data.heldout_hospitals)]
         self.learner = MetaLearner(build_model(cfg.model), cfg.maml)
         self._data: dict[Path, HospitalData] = {}
 
@@ -59,9 +66,10 @@ class HeldoutHospitals:
         return results
 
     def compare_with_scratch(self, meta_params: Params) -> dict[str, dict]:
-        """Per held-out hospital, on the same few-shot tasks, the variants of
-        :class:`~shared.learning.evaluation.FewShotProtocol` (``meta``, ``meta+fine-tune``, ``scratch``) and each
-        meta variant's per-task paired gain over scratch."""
+        """Per held-out hospital, on the same few-shot tasks: ``deployed`` (``fedmeta adapt``'s choice, with the
+        candidates it picked and how often), the variants of :class:`~shared.learning.evaluation.FewShotProtocol`
+        (``meta``, ``meta+fine-tune``, ``scratch``), and each meta variant's per-task paired gain over scratch.
+        With one shot per class there is nothing to cross-validate on, and ``deployed`` is left out."""
         protocol = FewShotProtocol.for_run(self.cfg)
         fresh = protocol.fresh_init(self.cfg.model, self.cfg.seed)
         out: dict[str, dict] = {}
@@ -86,9 +94,15 @@ class HeldoutHospitals:
     ) -> dict[str, object]:
         train_images = torch.from_numpy(data.split("train").images)
         test_images = torch.from_numpy(data.split("test").images)
-        learner, probs = self.learner, {}
+        learner, shots, probs, picks = self.learner, self.cfg.episode.k_shot, {}, Counter[str]()
         for task in tasks:
-            variants = protocol.meta_predictions(learner, meta_params, task, train_images, test_images)
+            variants = {}
+            if shots >= 2:
+                sx, sy = train_images[task.support], torch.from_numpy(task.support_y)
+                chosen = choose_adaptation(learner, self.cfg, meta_params, fresh, sx, sy, shots).chosen
+                picks[chosen.name] += 1
+                variants[DEPLOYED] = predict(learner, fit(learner, chosen, sx, sy), test_images[task.query])
+            variants |= protocol.meta_predictions(learner, meta_params, task, train_images, test_images)
             variants["scratch"] = protocol.scratch_predictions(learner, fresh, task, train_images, test_images)
             for name, p in variants.items():
                 probs.setdefault(name, []).append(p)
@@ -98,7 +112,10 @@ class HeldoutHospitals:
         }
         y = np.concatenate([t.query_y for t in tasks])
         result: dict[str, object] = {name: classification_metrics(y, np.concatenate(ps)) for name, ps in probs.items()}
-        for name in ("meta", "meta+fine-tune"):
-            result[f"{name} gain"] = paired_gain(per_task[name] - per_task["scratch"])
+        for name in (DEPLOYED, "meta", "meta+fine-tune"):
+            if name in per_task:
+                result[f"{name} gain"] = paired_gain(per_task[name] - per_task["scratch"])
+        if picks:
+            result[f"{DEPLOYED} picks"] = dict(picks.most_common())
         result["tasks"] = len(tasks)
         return result

@@ -19,6 +19,7 @@ META_MODEL = "meta-model.safetensors"
 MODEL_CARD_JSON = "model-card.json"
 MODEL_CARD_MD = "MODEL_CARD.md"
 HELDOUT_COMPARISON = "heldout-comparison.json"
+DEPLOYED = "deployed"  # its variant: what fedmeta adapt deploys (shared.learning.adaptation)
 STATUS = "run-status.json"
 CHECKPOINTS = "checkpoint"
 FEW_SHOT_PLOT = "few-shot.png"

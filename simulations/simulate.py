@@ -27,11 +27,19 @@ from shared.config import FedMetaConfig, parse_assignments
 from shared.errors import UserError
 from shared.flower_processes import sigterm_as_interrupt, stop_process_tree
 from shared.learning.pretrained import with_checked_init
-from shared.run_folder import FEDERATION, FLOWER_LOG, HELDOUT_COMPARISON, HOSPITAL_STATE, META_MODEL, METRICS
+from shared.run_folder import (
+    DEPLOYED,
+    FEDERATION,
+    FLOWER_LOG,
+    HELDOUT_COMPARISON,
+    HOSPITAL_STATE,
+    META_MODEL,
+    METRICS,
+)
 from simulations.data.synthetic import write_synthetic_federation
 from simulations.launcher import flwr_run, simulation_superlink
 
-HELDOUT_METHODS = ("meta", "meta+fine-tune", "scratch")
+HELDOUT_METHODS = (DEPLOYED, "meta", "meta+fine-tune", "scratch")
 _MAML = {"maml.order": "second", "maml.anil": False, "maml.meta-sgd": False, "maml.head-init": "learned"}
 # Every method is a preset of run settings over the same app; ``--set`` still wins.
 METHODS: dict[str, dict[str, Any]] = {
@@ -271,7 +279,8 @@ class RoundProgress:
             self.bar.close()
             print(
                 f"fedmeta simulate: rounds done; comparing the meta-model with scratch on {self.heldout} held-out "
-                f"hospital{'s' if self.heldout > 1 else ''} (fine-tunes on each of their few-shot tasks)",
+                f"hospital{'s' if self.heldout > 1 else ''} (on each of their few-shot tasks: fedmeta adapt's "
+                "cross-validated choice, a fine-tune and a model from scratch)",
                 file=sys.stderr,
                 flush=True,
             )
@@ -329,11 +338,12 @@ def _run_in_process(cfg: FedMetaConfig, hospitals: int, progress: RoundProgress)
 
 
 def few_shot_summary(comparison: dict[str, dict]) -> dict[str, dict[str, float]]:
-    """Mean over held-out hospitals of each method's few-shot metrics."""
-    return {
+    """Mean over held-out hospitals of each method's few-shot metrics (methods no hospital has left out)."""
+    means = {
         method: mean_metrics({name: h[method] for name, h in comparison.items() if method in h})
         for method in HELDOUT_METHODS
     }
+    return {method: metrics for method, metrics in means.items() if metrics}
 
 
 def results_table(result: dict[str, Any]) -> str:
@@ -342,15 +352,20 @@ def results_table(result: dict[str, Any]) -> str:
         f"run folder {result['run_dir']}",
         "",
         "Few-shot on hospitals that never trained: balanced accuracy / AUC on the same shots and scans.",
-        "meta = meta-model after the inner loop; meta+ft = meta-init fine-tuned with Adam; scratch = a fresh",
-        "model trained with Adam on the same shots; gains are paired per task against scratch, mean ± 95% interval.",
-        f"{'hospital':<14}{'meta':>13}{'meta+ft':>13}{'scratch':>13}{'meta gain':>18}{'meta+ft gain':>18}",
+        "deployed = what `fedmeta adapt` deploys (inner loop, fine-tune or scratch, cross-validated on the shots);",
+        "meta = meta-model after the inner loop; meta+ft = meta-init fine-tuned with Adam; scratch = a fresh model",
+        "trained with Adam on the same shots; gains are paired per task against scratch, mean ± 95% interval.",
+        f"{'hospital':<14}{'deployed':>13}{'meta':>13}{'meta+ft':>13}{'scratch':>13}"
+        f"{'deployed gain':>18}{'meta+ft gain':>18}",
     ]
     for name, h in result["heldout"].items():
         lines.append(
-            f"{name:<14}{_pair(h['meta']):>13}{_pair(h['meta+fine-tune']):>13}{_pair(h['scratch']):>13}"
-            f"{_gain(h['meta gain']):>18}{_gain(h['meta+fine-tune gain']):>18}"
+            f"{name:<14}{_pair(h.get(DEPLOYED)):>13}{_pair(h['meta']):>13}{_pair(h['meta+fine-tune']):>13}"
+            f"{_pair(h['scratch']):>13}{_gain(h.get(f'{DEPLOYED} gain')):>18}{_gain(h['meta+fine-tune gain']):>18}"
         )
+    for name, h in result["heldout"].items():
+        if picks := h.get(f"{DEPLOYED} picks"):
+            lines.append(f"  {name} deployed: " + ", ".join(f"{pick} {n}" for pick, n in picks.items()))
     lines += ["", "Privacy spent (epsilon per hospital, last report):"]
     epsilon = result["epsilon"]
     if not epsilon:
@@ -361,15 +376,17 @@ def results_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _pair(metrics: dict[str, float]) -> str:
+def _pair(metrics: dict[str, float] | None) -> str:
+    if metrics is None:
+        return "-"
     auc = metrics.get("auc")
     return (
         f"{metrics['balanced-accuracy']:.3f}/{auc:.3f}" if auc is not None else f"{metrics['balanced-accuracy']:.3f}/-"
     )
 
 
-def _gain(gain: dict[str, float]) -> str:
-    return f"{gain['mean']:+.3f} ± {gain['ci95']:.3f}"
+def _gain(gain: dict[str, float] | None) -> str:
+    return "-" if gain is None else f"{gain['mean']:+.3f} ± {gain['ci95']:.3f}"
 
 
 def run(args: argparse.Namespace) -> int:

@@ -17,16 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save
 
-from client.adapt import (
-    Candidate,
-    Validation,
-    adapt_hospital,
-    choose_candidate,
-    class_metrics_note,
-    fit,
-    meta_init_for,
-    summary,
-)
+from client.adapt import adapt_hospital, class_metrics_note, meta_init_for, summary
 from client.adapted_model import CARD_FILE, WEIGHTS_FILE, AdaptedModel, load_adapted_model, save_adapted_model
 from client.predict import header_terms, refusal
 from shared.cli import main
@@ -35,6 +26,7 @@ from shared.data.dicom import PreprocessConfig
 from shared.data.hospital_folder import load_hospital, preprocess_for, record_id
 from shared.data.site_keys import SECRET_NAME, STATE_FOLDER
 from shared.errors import UserError
+from shared.learning.adaptation import Candidate, Validation, challenge, fit
 from shared.learning.evaluation import few_shot_tasks, predict
 from shared.learning.maml import INNER_LR_PREFIX, MetaLearner, intra_op_threads
 from shared.learning.models import build_model
@@ -134,21 +126,24 @@ def test_adapt_card_reports_an_honest_paired_comparison_on_a_hospital_that_never
     if validation["chosen"] == heldout["scratch_candidate"]:
         assert all(estimate["value"] == 0 for estimate in difference.values())
 
-    # the best meta-model candidate and the baseline are the best out-of-fold scores of their kind, ties broken by
-    # lower log-loss; scratch is deployed only when it beats the meta-model by more than a standard error
+    # the baseline is the best scratch candidate, the challenger the best other candidate than the protocol's fine-tune
+    # (out-of-fold score, ties broken by lower log-loss); the challenger is deployed only when it beats the fine-tune by
+    # more than a standard error
     candidates = validation["candidates"]
 
     def score(name: str) -> tuple[float, float]:
         return candidates[name]["balanced-accuracy"], -candidates[name]["log-loss"]
 
-    best_meta, margin = validation["best_meta_candidate"], validation["scratch_minus_meta"]
-    assert score(best_meta) == max(score(n) for n in candidates if not n.startswith("scratch-"))
+    default, challenger, margin = (
+        validation[key] for key in ("default_candidate", "challenger", "challenger_minus_default")
+    )
+    assert default == "fine-tune-lr0.001"
+    assert score(challenger) == max(score(n) for n in candidates if n != default)
     assert score(heldout["scratch_candidate"]) == max(score(n) for n in candidates if n.startswith("scratch-"))
-    scratch_wins = margin["mean"] > margin["standard_error"]
-    assert validation["chosen"] == (heldout["scratch_candidate"] if scratch_wins else best_meta)
+    assert validation["chosen"] == (challenger if margin["mean"] > margin["standard_error"] else default)
     # the per-fold margin averages to the difference of the out-of-fold balanced accuracies (one shot per class a fold)
     assert margin["mean"] == pytest.approx(
-        candidates[heldout["scratch_candidate"]]["balanced-accuracy"] - candidates[best_meta]["balanced-accuracy"]
+        candidates[challenger]["balanced-accuracy"] - candidates[default]["balanced-accuracy"]
     )
     assert {name.split("-")[0] for name in candidates} == {"inner", "fine", "scratch"}
     assert all(0 <= scores["balanced-accuracy"] <= 1 and scores["log-loss"] > 0 for scores in candidates.values())
@@ -167,32 +162,32 @@ def test_adapt_card_reports_an_honest_paired_comparison_on_a_hospital_that_never
     assert card["head"].startswith("zeros at the start")
 
 
-def test_adapt_deploys_scratch_only_when_it_beats_the_meta_model_by_more_than_a_standard_error() -> None:
-    fine, inner, scratch = (
+def test_adapt_deploys_the_fine_tune_unless_another_candidate_beats_it_by_more_than_a_standard_error() -> None:
+    fine, inner, longer, scratch = (
         Candidate("fine-tune-lr0.001", "fine-tune", {}, 100, 1e-3),
         Candidate("inner-loop-5", "inner-loop", {}, 5),
+        Candidate("inner-loop-10", "inner-loop", {}, 10),
         Candidate("scratch-lr0.01", "scratch", {}, 100, 1e-2),
     )
+    options = [fine, inner, longer, scratch]
 
-    def validation(scratch_folds: list[float]) -> Validation:
-        folds = {
+    def validation(challenger_folds: list[float], challenger: Candidate) -> Validation:
+        folds = {c.name: [0.5, 0.5, 0.5, 0.5, 0.5] for c in options} | {
             fine.name: [0.5, 1.0, 0.5, 1.0, 0.5],
-            inner.name: [0.5, 0.5, 0.5, 0.5, 0.5],
-            scratch.name: scratch_folds,
+            challenger.name: challenger_folds,
         }
         return Validation(
             scores={n: {"balanced-accuracy": float(np.mean(f)), "log-loss": 0.5} for n, f in folds.items()},
             fold_accuracy={n: np.array(f) for n, f in folds.items()},
         )
 
-    # scratch's better out-of-fold score (0.8 vs 0.7) is two folds won and one lost: the meta-model's best stays
-    noisy = validation([1.0, 1.0, 1.0, 0.5, 0.5])
-    assert noisy.best([fine, inner, scratch]) is scratch
-    assert choose_candidate([fine, inner, scratch], noisy) is fine
-    # better on every fold where they differ, by more than the standard error of the difference: scratch
-    clear = validation([1.0, 1.0, 1.0, 1.0, 1.0])
-    assert clear.margin(scratch, fine)["mean"] > clear.margin(scratch, fine)["standard_error"]
-    assert choose_candidate([fine, inner, scratch], clear) is scratch
+    for challenger in (inner, longer, scratch):
+        # a better out-of-fold score (0.8 vs 0.7) from two folds won and one lost: the fine-tune stays
+        noisy = challenge(options, validation([1.0, 1.0, 1.0, 0.5, 0.5], challenger))
+        assert (noisy.default, noisy.challenger, noisy.chosen) == (fine, challenger, fine)
+        # better on every fold where they differ, by more than the standard error of the difference: the challenger
+        clear = challenge(options, validation([1.0, 1.0, 1.0, 1.0, 1.0], challenger))
+        assert clear.margin["mean"] > clear.margin["standard_error"] and clear.chosen is challenger
 
 
 def test_adapt_with_the_same_seed_writes_the_same_card_and_weights(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,9 @@ import torch
 
 from server.heldout import HeldoutHospitals
 from shared.config import FedMetaConfig
-from shared.learning.evaluation import FewShotProtocol, classification_metrics
+from shared.learning.adaptation import choose_adaptation
+from shared.learning.evaluation import FewShotProtocol, classification_metrics, hospital_tasks
+from shared.run_folder import DEPLOYED
 from simulations.data.synthetic import write_synthetic_federation
 
 # six scans of three classes; predicted (argmax) = [0, 1, 1, 2, 2, 2]
@@ -88,7 +91,7 @@ def test_two_classes_keep_auc_sensitivity_and_specificity_of_the_positive_class_
 def test_the_heldout_comparison_scores_the_meta_model_as_the_round_evaluation_does(tmp_path: Path) -> None:
     cfg = FedMetaConfig().replace(
         model={"width": 8},
-        episode={"eval_episodes": 3, "eval_steps": 2},
+        episode={"eval_episodes": 3, "eval_steps": 2, "k_shot": 1},
         data={"federation_dir": str(tmp_path), "heldout_hospitals": 1},
     )
     write_synthetic_federation(cfg, hospitals=0)
@@ -97,6 +100,31 @@ def test_the_heldout_comparison_scores_the_meta_model_as_the_round_evaluation_do
     comparison = heldout.compare_with_scratch(meta_params)["hospital-000"]
     assert comparison["meta"] == pytest.approx(heldout(meta_params)["hospital-000"])  # one protocol
     assert comparison["tasks"] == 3 and {"meta gain", "meta+fine-tune gain"} <= set(comparison)
+    assert DEPLOYED not in comparison  # one shot per class: nothing to cross-validate fedmeta adapt's choice on
+
+
+def test_the_heldout_comparison_leads_with_what_fedmeta_adapt_deploys_on_the_same_shots(tmp_path: Path) -> None:
+    cfg = FedMetaConfig().replace(
+        model={"width": 8},
+        episode={"eval_episodes": 2, "eval_steps": 2, "k_shot": 2},
+        data={"federation_dir": str(tmp_path), "heldout_hospitals": 1},
+    )
+    write_synthetic_federation(cfg, hospitals=0)
+    heldout = HeldoutHospitals(cfg)
+    meta_params = heldout.learner.init_meta_params()
+    comparison = heldout.compare_with_scratch(meta_params)["hospital-000"]
+    assert next(iter(comparison)) == DEPLOYED and f"{DEPLOYED} gain" in comparison
+
+    data = heldout.data(heldout.folders[0])
+    train_images = torch.from_numpy(data.split("train").images)
+    fresh = FewShotProtocol.fresh_init(cfg.model, cfg.seed)
+    chosen = Counter(
+        choose_adaptation(
+            heldout.learner, cfg, meta_params, fresh, train_images[t.support], torch.from_numpy(t.support_y), 2
+        ).chosen.name
+        for t in hospital_tasks(data, cfg)
+    )
+    assert comparison[f"{DEPLOYED} picks"] == dict(chosen)
 
 
 def test_a_fresh_initialisation_follows_its_seed_and_leaves_the_global_generator_alone() -> None:

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from client.adapt import candidates, fit
 from client.privacy import NoiseCalibration, PrivateRelease
 from shared.config import ConfigError, FedMetaConfig, MamlConfig, ModelConfig
+from shared.learning.adaptation import candidates, fit
 from shared.learning.evaluation import FewShotProtocol, few_shot_tasks, predict
 from shared.learning.maml import EpisodeBatch, MetaLearner, Params, prototype_head
 from shared.learning.models import BACKBONE_PREFIX, HEAD_PREFIX, build_model

@@ -97,7 +97,7 @@ def test_simulate_runs_virtual_hospitals_through_flower_and_leaves_no_process_be
     assert len(result["round_seconds"]) == 2
     assert 0 < result["epsilon_max"] <= 8.0
     assert result["peak_rss_mb"] > 100
-    assert set(result["few_shot"]) == {"meta", "meta+fine-tune", "scratch"}
+    assert set(result["few_shot"]) == {"deployed", "meta", "meta+fine-tune", "scratch"}
     assert "balanced-accuracy" in result["few_shot"]["meta"]
     records = read_round_log(out)
     assert [r.participants for r in records] == [2, 2]
@@ -199,7 +199,7 @@ def test_quality_bench_scores_every_method_on_the_same_tasks_against_fedavg_fine
     result = bench_quality.run(args)
     variants = result["shots"]["5"]
     methods = ("fedavg", "fedmeta-first-order")
-    deployed = ("deployed", "cv-argmax", "oracle-upper-bound")
+    deployed = ("deployed", *bench_quality.ALTERNATIVE_RULES, "cv-argmax", "oracle-upper-bound")
     expected = {"local-only"} | {f"{m}/{v}" for m in methods for v in (*ADAPTATIONS, *deployed)}
     assert set(variants) == expected
     # the deployed variant is fedmeta adapt's choice on each task's shots, and no rule beats the best candidate
@@ -211,8 +211,10 @@ def test_quality_bench_scores_every_method_on_the_same_tasks_against_fedavg_fine
         oracle, chosen = (variants[f"{method}/{v}"]["balanced-accuracy"] for v in ("oracle-upper-bound", "deployed"))
         assert record["mean_gap_to_best_candidate"] == pytest.approx(oracle - chosen)
         assert (record["worse_than_best_candidate"] > 0) == (oracle > chosen)
-        # preferring the meta-model only ever moves a pick away from scratch
-        assert record["picked"].get("scratch", 0) <= record["cv_argmax_picked"].get("scratch", 0)
+        # the deployed pick is the best out-of-fold score's or, when that does not win clearly, the fine-tune
+        argmax = record["cv_argmax_picked"]
+        assert all(record["picked"].get(k, 0) <= argmax.get(k, 0) for k in ("inner-loop", "scratch"))
+        assert record["picked"].get("fine-tune", 0) >= argmax.get("fine-tune", 0)
     assert set(picks) == set(methods)
     assert {v["tasks"] for v in variants.values()} == {3}
     reference = variants["fedavg/fine-tune"]["balanced-accuracy vs fedavg/fine-tune"]
@@ -224,6 +226,12 @@ def test_quality_bench_scores_every_method_on_the_same_tasks_against_fedavg_fine
     # settings are chosen on the training hospitals' own test splits, reported beside the held-out table
     assert all(0.0 <= run["training_hospitals"]["balanced-accuracy"] <= 1.0 for run in result["runs"].values())
     assert "training hospitals' own test splits" in table
+    # --score-on training: the same scoring on the training hospitals' folders (their test splits as queries)
+    on_training = bench_quality.heldout_hospitals(
+        argparse.Namespace(**{**vars(args), "score_on": "training"}), tmp_path, None
+    )
+    assert [f.name for f in on_training.folders] == ["hospital-000", "hospital-001", "hospital-002"]
+    assert all((f / "labels.csv").is_file() for f in on_training.folders)
 
 
 def test_new_task_setting_holds_out_a_dataset_no_training_hospital_has(tmp_path: Path) -> None:

@@ -90,10 +90,10 @@ class FewShotProtocol:
     * ``scratch``: a fresh model (:meth:`fresh_init`) trained the same way at ``scratch_lr``, what the hospital
       has without fedmeta.
 
-    ``fedmeta adapt`` chooses between these recipes (and both Adam rates for either start) by cross-validation on
-    the shots. Intervals: over several tasks, the mean per-task difference with a normal 95% interval
-    (:func:`paired_gain`); within one task, a class-stratified paired bootstrap over its test scans
-    (:func:`paired_bootstrap`).
+    ``fedmeta adapt`` chooses between these recipes by cross-validation on the shots
+    (:mod:`shared.learning.adaptation`; scored as ``deployed`` wherever these are). Intervals: over several tasks,
+    the mean per-task difference with a normal 95% interval (:func:`paired_gain`); within one task, a
+    class-stratified paired bootstrap over its test scans (:func:`paired_bootstrap`).
     """
 
     inner_steps: int
@@ -104,10 +104,6 @@ class FewShotProtocol:
     @classmethod
     def for_run(cls, cfg: FedMetaConfig) -> FewShotProtocol:
         return cls(inner_steps=cfg.episode.eval_steps)
-
-    @property
-    def adam_lrs(self) -> tuple[float, ...]:
-        return tuple(sorted({self.fine_tune_lr, self.scratch_lr}))
 
     @staticmethod
     def fresh_init(model: ModelConfig, seed: int) -> Params:

@@ -24,12 +24,14 @@ class, all its test scans as queries), each trained model is scored with the one
 (:class:`~shared.learning.evaluation.FewShotProtocol`) after k = 0, 1, 5, 10 inner-loop steps and after
 its fine-tune, next to local-only training (the protocol's scratch model on the same shots), and as
 deployed (``deployed``): what ``fedmeta adapt`` does at a new hospital, the candidate its cross-validation
-on the shots picks (inner loop, fine-tune or scratch; :data:`client.adapt.CHOICE_RULE`), fitted on all shots.
+on the shots picks (inner loop, fine-tune or scratch; :mod:`shared.learning.adaptation`), fitted on all shots.
 Beside it, from the same cross-validation: ``cv-argmax``, the candidate with the best out-of-fold score (the rule
 before scratch had to win clearly), and ``oracle-upper-bound``, the candidate with the best balanced accuracy on
 the test scans, which no hospital can pick (an upper bound on balanced accuracy, not a method).
 ``deployed_choices`` counts the kinds each rule picked and how often the deployed choice scored below the best
-candidate on the test scans, and by how much.
+candidate on the test scans, and by how much. Other choice rules over the same cross-validation are scored beside
+it (:data:`ALTERNATIVE_RULES`), to be compared with ``--score-on training``: the same tasks drawn from the training
+hospitals, with their own test splits (never trained on) as queries, where a rule may be chosen.
 Differences are paired per task against the reference (class-balanced FedAvg + fine-tune when it ran),
 with a normal 95% interval, and per hospital: how many held-out hospitals improve on average. The run
 folders are kept under ``--work-dir``: a rerun reuses finished runs.
@@ -51,13 +53,13 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from client.adapt import candidates, choose_candidate, cross_validate, fit
 from server.heldout import HeldoutHospitals
 from server.round_log import mean_metrics, read_round_log
 from shared.atomic import atomic_write_json
 from shared.config import FedMetaConfig, parse_assignments
-from shared.data.federation import hospital_name
+from shared.data.federation import federation_dir, hospital_name
 from shared.errors import UserError
+from shared.learning.adaptation import Candidate, Validation, choose_adaptation, fit
 from shared.learning.episodes import EpisodeError
 from shared.learning.evaluation import (
     FewShotProtocol,
@@ -69,7 +71,7 @@ from shared.learning.evaluation import (
 )
 from shared.learning.maml import MetaLearner, Params
 from shared.learning.models import build_model
-from shared.run_folder import META_MODEL
+from shared.run_folder import DEPLOYED, META_MODEL
 from simulations.data.medmnist import import_medmnist, import_novel_classes
 from simulations.data.synthetic import write_synthetic_federation
 from simulations.simulate import METHODS, run_simulation, simulation_config
@@ -81,7 +83,6 @@ ADAPT_STEPS = (0, 1, 5, 10)
 LOCAL_ONLY = "local-only"
 REFERENCE = "fedavg/fine-tune"
 VARIANT_NAMES = {"meta+fine-tune": "fine-tune"}
-DEPLOYED = "deployed"
 CV_ARGMAX = "cv-argmax"
 ORACLE = "oracle-upper-bound"
 METRICS = ("balanced-accuracy", "auc", "accuracy")
@@ -119,6 +120,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clients-per-round", type=int, default=6)
     parser.add_argument("--shots", default="5,10", help="comma-separated K (labelled scans per class)")
     parser.add_argument("--eval-tasks", type=int, default=10, help="few-shot tasks per held-out hospital and K")
+    parser.add_argument(
+        "--score-on",
+        choices=("heldout", "training"),
+        default="heldout",
+        help="score on the held-out hospitals, or on the training hospitals' own test splits (never trained on: "
+        "the data to choose settings and rules on)",
+    )
     parser.add_argument(
         "--deployed",
         action=argparse.BooleanOptionalAction,
@@ -303,6 +311,8 @@ def heldout_hospitals(args: argparse.Namespace, work_dir: Path, federation: Path
     cfg = FedMetaConfig.from_flat(flat)
     if federation is None:  # the synthetic held-out hospitals, from their own seed stream
         write_synthetic_federation(cfg, args.hospitals)
+    if args.score_on == "training":
+        return HeldoutHospitals(cfg, [federation_dir(cfg) / hospital_name(i) for i in range(args.hospitals)])
     return HeldoutHospitals(cfg)
 
 
@@ -343,16 +353,33 @@ def deployed_predictions(
     the best out-of-fold score's candidate and of the best candidate on the test scans; ``record`` gets the kinds
     picked and the deployed choice's gap to the best."""
     sx, sy = train_x[task.support], torch.from_numpy(task.support_y)
-    options = candidates(model.cfg, model.params, fresh)
-    validation = cross_validate(learner, options, sx, sy, shots)
-    chosen, argmax = choose_candidate(options, validation), validation.best(options)
+    adaptation = choose_adaptation(learner, model.cfg, model.params, fresh, sx, sy, shots)
+    options, chosen, argmax = adaptation.options, adaptation.chosen, adaptation.validation.best(adaptation.options)
     probs = {c.name: predict(learner, fit(learner, c, sx, sy), test_x[task.query]) for c in options}
     test_score = {name: task_scores(task, p)["balanced-accuracy"] for name, p in probs.items()}
     best = max(options, key=lambda c: test_score[c.name])
     record.picked[chosen.kind] += 1
     record.argmax_picked[argmax.kind] += 1
     record.gaps.append(test_score[best.name] - test_score[chosen.name])
-    return {DEPLOYED: probs[chosen.name], CV_ARGMAX: probs[argmax.name], ORACLE: probs[best.name]}
+    alternatives = {name: rule(options, adaptation.validation) for name, rule in ALTERNATIVE_RULES.items()}
+    return {
+        DEPLOYED: probs[chosen.name],
+        **{name: probs[c.name] for name, c in alternatives.items()},
+        CV_ARGMAX: probs[argmax.name],
+        ORACLE: probs[best.name],
+    }
+
+
+def prefer_meta_over_scratch(options: list[Candidate], validation: Validation) -> Candidate:
+    """The rule deployed before (2026-12-06): the meta-model's best candidate (inner loop or fine-tune) unless the best
+    scratch candidate's per-fold balanced accuracy is higher by more than one standard error."""
+    meta, scratch = validation.best_of_each(options)
+    margin = validation.margin(scratch, meta)
+    return scratch if margin["mean"] > margin["standard_error"] else meta
+
+
+# other rules over the same cross-validation, scored beside the deployed one (no extra fits)
+ALTERNATIVE_RULES = {"deployed-prefer-meta-over-scratch": prefer_meta_over_scratch}
 
 
 def evaluate(

@@ -13,6 +13,7 @@ from server.heldout import HeldoutHospitals
 from shared.config import FedMetaConfig
 from shared.learning.adaptation import choose_adaptation
 from shared.learning.evaluation import FewShotProtocol, classification_metrics, hospital_tasks
+from shared.learning.maml import Params
 from shared.run_folder import DEPLOYED
 from simulations.data.synthetic import write_synthetic_federation
 
@@ -88,33 +89,31 @@ def test_two_classes_keep_auc_sensitivity_and_specificity_of_the_positive_class_
     )
 
 
-def test_the_heldout_comparison_scores_the_meta_model_as_the_round_evaluation_does(tmp_path: Path) -> None:
+def one_heldout_hospital(tmp_path: Path, tasks: int, k_shot: int) -> tuple[HeldoutHospitals, Params, dict]:
+    """A synthetic held-out hospital, a tiny model at initialisation, and the server's comparison there."""
     cfg = FedMetaConfig().replace(
         model={"width": 8},
-        episode={"eval_episodes": 3, "eval_steps": 2, "k_shot": 1},
+        episode={"eval_episodes": tasks, "eval_steps": 2, "k_shot": k_shot},
         data={"federation_dir": str(tmp_path), "heldout_hospitals": 1},
     )
     write_synthetic_federation(cfg, hospitals=0)
     heldout = HeldoutHospitals(cfg)
     meta_params = heldout.learner.init_meta_params()
-    comparison = heldout.compare_with_scratch(meta_params)["hospital-000"]
+    return heldout, meta_params, heldout.compare_with_scratch(meta_params)["hospital-000"]
+
+
+def test_the_heldout_comparison_scores_the_meta_model_as_the_round_evaluation_does(tmp_path: Path) -> None:
+    heldout, meta_params, comparison = one_heldout_hospital(tmp_path, tasks=3, k_shot=1)
     assert comparison["meta"] == pytest.approx(heldout(meta_params)["hospital-000"])  # one protocol
     assert comparison["tasks"] == 3 and {"meta gain", "meta+fine-tune gain"} <= set(comparison)
     assert DEPLOYED not in comparison  # one shot per class: nothing to cross-validate fedmeta adapt's choice on
 
 
 def test_the_heldout_comparison_leads_with_what_fedmeta_adapt_deploys_on_the_same_shots(tmp_path: Path) -> None:
-    cfg = FedMetaConfig().replace(
-        model={"width": 8},
-        episode={"eval_episodes": 2, "eval_steps": 2, "k_shot": 2},
-        data={"federation_dir": str(tmp_path), "heldout_hospitals": 1},
-    )
-    write_synthetic_federation(cfg, hospitals=0)
-    heldout = HeldoutHospitals(cfg)
-    meta_params = heldout.learner.init_meta_params()
-    comparison = heldout.compare_with_scratch(meta_params)["hospital-000"]
+    heldout, meta_params, comparison = one_heldout_hospital(tmp_path, tasks=2, k_shot=2)
     assert next(iter(comparison)) == DEPLOYED and f"{DEPLOYED} gain" in comparison
 
+    cfg = heldout.cfg
     data = heldout.data(heldout.folders[0])
     train_images = torch.from_numpy(data.split("train").images)
     fresh = FewShotProtocol.fresh_init(cfg.model, cfg.seed)

@@ -6,7 +6,7 @@ leave-one-shot-per-class-out cross-validation; the procedure the server's held-o
 score as ``deployed``).
 
 The chosen candidate is trained on all the shots and evaluated once on the hospital's test split, next to
-the best scratch candidate (chosen by the same validation), with bootstrap intervals for both and for
+the scratch candidate (the same recipe from a fresh initialisation), with bootstrap intervals for both and for
 their paired difference, on the same test scans. The card, like the model, is a function of the
 meta-model, the hospital's scans, K and the seed alone: the same seed gives the same card. The model's
 head is sized to the hospital's classes: with another number of classes than the meta-model's n-way it
@@ -105,7 +105,7 @@ def adapt_hospital(
     adaptation = choose_adaptation(learner, meta.cfg, meta_init, fresh_init, sx, sy, shots)
     options, validation, rule = adaptation.options, adaptation.validation, adaptation.challenge
     chosen = rule.chosen
-    baseline = validation.best(c for c in options if c.kind == "scratch")
+    (baseline,) = (c for c in options if c.kind == "scratch")
     with intra_op_threads(1):
         modalities = tuple(sorted(data.report.images_by_modality))
         model = AdaptedModel(fit(learner, chosen, sx, sy), data.label_names, model_cfg, preprocess, modalities)

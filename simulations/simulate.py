@@ -280,7 +280,7 @@ class RoundProgress:
             print(
                 f"fedmeta simulate: rounds done; comparing the meta-model with scratch on {self.heldout} held-out "
                 f"hospital{'s' if self.heldout > 1 else ''} (on each of their few-shot tasks: fedmeta adapt's "
-                "cross-validated choice, a fine-tune and a model from scratch)",
+                "cross-validated choice with 2 or more shots per class, a fine-tune and a model from scratch)",
                 file=sys.stderr,
                 flush=True,
             )
@@ -338,7 +338,7 @@ def _run_in_process(cfg: FedMetaConfig, hospitals: int, progress: RoundProgress)
 
 
 def few_shot_summary(comparison: dict[str, dict]) -> dict[str, dict[str, float]]:
-    """Mean over held-out hospitals of each method's few-shot metrics (methods no hospital has left out)."""
+    """Mean over held-out hospitals of each method's few-shot metrics (a method no hospital has is left out)."""
     means = {
         method: mean_metrics({name: h[method] for name, h in comparison.items() if method in h})
         for method in HELDOUT_METHODS

@@ -25,13 +25,16 @@ class, all its test scans as queries), each trained model is scored with the one
 its fine-tune, next to local-only training (the protocol's scratch model on the same shots), and as
 deployed (``deployed``): what ``fedmeta adapt`` does at a new hospital, the candidate its cross-validation
 on the shots picks (inner loop, fine-tune or scratch; :mod:`shared.learning.adaptation`), fitted on all shots.
-Beside it, from the same cross-validation: ``cv-argmax``, the candidate with the best out-of-fold score (the rule
-before scratch had to win clearly), and ``oracle-upper-bound``, the candidate with the best balanced accuracy on
-the test scans, which no hospital can pick (an upper bound on balanced accuracy, not a method).
-``deployed_choices`` counts the kinds each rule picked and how often the deployed choice scored below the best
-candidate on the test scans, and by how much. Other choice rules over the same cross-validation are scored beside
-it (:data:`ALTERNATIVE_RULES`), to be compared with ``--score-on training``: the same tasks drawn from the training
-hospitals, with their own test splits (never trained on) as queries, where a rule may be chosen.
+Beside it, from the same cross-validation: ``cv-argmax``, the candidate with the best out-of-fold score, and
+``oracle-upper-bound``, the candidate with the best balanced accuracy on the test scans, which no hospital can pick
+(an upper bound on balanced accuracy, not a method).
+``deployed_choices`` counts the kinds the deployed rule and ``cv-argmax`` picked and how often the deployed choice
+scored below the best candidate on the test scans, and by how much. Other choice rules over the same
+cross-validation are scored beside it (:data:`ALTERNATIVE_RULES`), to be compared with ``--score-on training``
+(written to ``quality-training.json``): the same tasks drawn from the training hospitals, with their own test splits
+(never trained on) as queries, where a rule may be chosen. There the shots come from train splits the meta-model
+saw in training, which favours the meta-model's candidates over scratch: compare rules there, not the meta-model
+with scratch.
 Differences are paired per task against the reference (class-balanced FedAvg + fine-tune when it ran),
 with a normal 95% interval, and per hospital: how many held-out hospitals improve on average. The run
 folders are kept under ``--work-dir``: a rerun reuses finished runs.
@@ -86,6 +89,7 @@ VARIANT_NAMES = {"meta+fine-tune": "fine-tune"}
 CV_ARGMAX = "cv-argmax"
 ORACLE = "oracle-upper-bound"
 METRICS = ("balanced-accuracy", "auc", "accuracy")
+SCORED_ON = {"heldout": "held-out hospitals", "training": "training hospitals' own test splits"}
 DEFAULT_METHODS = (
     "fedavg,fedmeta-first-order-zero-head,fedmeta,fedmeta-first-order,anil,meta-sgd,pretrain-then-meta,centralised"
 )
@@ -373,13 +377,14 @@ def deployed_predictions(
 def prefer_meta_over_scratch(options: list[Candidate], validation: Validation) -> Candidate:
     """The rule deployed before (2026-12-06): the meta-model's best candidate (inner loop or fine-tune) unless the best
     scratch candidate's per-fold balanced accuracy is higher by more than one standard error."""
-    meta, scratch = validation.best_of_each(options)
+    meta = validation.best(c for c in options if c.kind != "scratch")
+    scratch = validation.best(c for c in options if c.kind == "scratch")
     margin = validation.margin(scratch, meta)
     return scratch if margin["mean"] > margin["standard_error"] else meta
 
 
 # other rules over the same cross-validation, scored beside the deployed one (no extra fits)
-ALTERNATIVE_RULES = {"deployed-prefer-meta-over-scratch": prefer_meta_over_scratch}
+ALTERNATIVE_RULES = {"previous-rule": prefer_meta_over_scratch}
 
 
 def evaluate(
@@ -467,8 +472,8 @@ def table(result: dict[str, Any]) -> str:
     for k, variants in result["shots"].items():
         reference = REFERENCE if REFERENCE in variants else LOCAL_ONLY
         lines += [
-            f"**{k}-shot** ({result['setting']}; paired differences against {reference}, mean ± 95% CI over tasks; "
-            "hospitals = held-out hospitals whose mean difference is > 0)",
+            f"**{k}-shot** ({result['setting']}, scored on the {SCORED_ON[result['score_on']]}; paired differences "
+            f"against {reference}, mean ± 95% CI over tasks; hospitals = those whose mean difference is > 0)",
             "",
             "| variant | bal. acc. | AUC | acc. | Δ bal. acc. | Δ AUC | hospitals improved (bal. acc.) |",
             "|---|---|---|---|---|---|---|",
@@ -535,6 +540,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "setting": args.setting,
         "hospitals": args.hospitals,
         "heldout": args.heldout,
+        "score_on": args.score_on,
         "rounds": args.rounds,
         "clients_per_round": args.clients_per_round,
         "runs": runs,
@@ -542,6 +548,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "shots": {str(k): summarise(v) for k, v in scores.items() if v},
         "deployed_choices": {str(k): {m: c.summary() for m, c in by_model.items()} for k, by_model in choices.items()},
     }
-    atomic_write_json(work_dir / "quality.json", result)
-    (work_dir / "quality.md").write_text(table(result))
+    name = "quality" if args.score_on == "heldout" else "quality-training"
+    atomic_write_json(work_dir / f"{name}.json", result)
+    (work_dir / f"{name}.md").write_text(table(result))
     return result

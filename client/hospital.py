@@ -167,17 +167,8 @@ class Hospital:
         (seconds) and the RDP curve of the next step. The ledger is read, never written; the scans are not read, so
         a new ledger's delta is the one of a hospital of at most 1 / (10 delta) privacy units (a larger one pays
         its own calibration at its first release, as without this)."""
-        privacy = self.cfg.privacy
-        if not privacy.enabled:
-            return
-        private = PrivateTraining(self.state_dir / LEDGER_FILE, privacy, self.policy, units=1)
-        with PrivacyLedger.locked(private.ledger_path):
-            ledger = private.open_ledger()
-        calibration = private.calibration(ledger)
-        if ledger.accountant_kind == "rdp":  # RDP curves are cached per process; PRV's epsilon is computed afresh
-            ledger.check(
-                calibration.accountant_noise_multiplier, privacy.sample_rate, delta=min(ledger.delta, privacy.delta)
-            )
+        if self.cfg.privacy.enabled:
+            PrivateTraining(self.state_dir / LEDGER_FILE, self.cfg.privacy, self.policy, units=1).warm_up()
 
     def train(self, meta_params: Params, server_round: int = 0) -> TrainResult | BudgetExhausted:
         """``local_steps`` meta-gradients at ``meta_params``, averaged; private unless DP is off.

@@ -68,6 +68,21 @@ class PrivateTraining:
         noise = max(self.pinned_noise(ledger), self.privacy.noise_multiplier)
         return NoiseCalibration(noise, self.privacy.max_grad_norm)
 
+    def release_delta(self, ledger: PrivacyLedger) -> float:
+        """The delta a release is accounted at: the ledger's, or the run's when smaller."""
+        return min(ledger.delta, self.privacy.delta)
+
+    def warm_up(self) -> None:
+        """What a process's first release computes once, computed ahead with nothing written: a new ledger's noise
+        calibration (seconds) and, with RDP, the curve of the next step (cached per process; PRV's epsilon is
+        computed afresh at every check)."""
+        with PrivacyLedger.locked(self.ledger_path):
+            ledger = self.open_ledger()
+        calibration = self.calibration(ledger)
+        if ledger.accountant_kind == "rdp":
+            noise, rate = calibration.accountant_noise_multiplier, self.privacy.sample_rate
+            ledger.check(noise, rate, delta=self.release_delta(ledger))
+
     def run(
         self, meta_params: Params, steps: int, outer_grads: Callable[[str], OuterGrads]
     ) -> PrivateSteps | BudgetExhausted:
@@ -79,7 +94,7 @@ class PrivateTraining:
             ledger = self.open_ledger()
             ledger.noise_multiplier = self.pinned_noise(ledger)  # written with the first step
             calibration = self.calibration(ledger)
-            delta = min(ledger.delta, privacy.delta)
+            delta = self.release_delta(ledger)
             device = next(iter(meta_params.values())).device
             noise = torch.Generator(device=device).manual_seed(secrets.randbits(63))
             release = PrivateRelease(meta_params, calibration, privacy.groups_per_step, generator=noise)

@@ -283,7 +283,8 @@ def serve(settings: ServerSettings) -> None:
             )
     run_dir.mkdir(parents=True, exist_ok=True)
     flwr_home = run_dir / "flwr-home"
-    write_connection(flwr_home, CONNECTION, settings.control_address, settings.certs and settings.certs / CA_CERT)
+    ca = settings.certs and settings.certs / CA_CERT
+    write_connection(flwr_home, CONNECTION, settings.control_address, ca)
     env = flower_env(flwr_home)
     log_path = run_dir / "superlink.log"
     with sigterm_as_interrupt(), open(log_path, "ab") as log_file:
@@ -301,7 +302,6 @@ def serve(settings: ServerSettings) -> None:
             )
             from server.control import ControlApi
 
-            ca = settings.certs and settings.certs / CA_CERT
             with contextlib.closing(ControlApi(CONNECTION, settings.control_address, ca)) as control:
                 register_hospitals(keys, control)
                 if settings.min_hospitals > settings.cfg.server.min_train_nodes:

@@ -38,6 +38,9 @@ from shared.run_folder import DEPLOYED
 
 log = logging.getLogger(__name__)
 
+# the protocol's variant that is a candidate's recipe on the same shots (same start, steps and rate)
+SAME_RECIPE = {"fine-tune": "meta+fine-tune", "scratch": "scratch"}
+
 
 class HeldoutHospitals:
     def __init__(self, cfg: FedMetaConfig, folders: list[Path] | None = None) -> None:
@@ -96,14 +99,16 @@ class HeldoutHospitals:
         test_images = torch.from_numpy(data.split("test").images)
         learner, shots, probs, picks = self.learner, self.cfg.episode.k_shot, {}, Counter[str]()
         for task in tasks:
-            variants = {}
+            variants = protocol.meta_predictions(learner, meta_params, task, train_images, test_images)
+            variants["scratch"] = protocol.scratch_predictions(learner, fresh, task, train_images, test_images)
             if shots >= 2:
                 sx, sy = train_images[task.support], torch.from_numpy(task.support_y)
                 chosen = choose_adaptation(learner, self.cfg, meta_params, fresh, sx, sy, shots).chosen
                 picks[chosen.name] += 1
-                variants[DEPLOYED] = predict(learner, fit(learner, chosen, sx, sy), test_images[task.query])
-            variants |= protocol.meta_predictions(learner, meta_params, task, train_images, test_images)
-            variants["scratch"] = protocol.scratch_predictions(learner, fresh, task, train_images, test_images)
+                if (same := SAME_RECIPE.get(chosen.kind)) is not None:  # that fit is made above already
+                    variants[DEPLOYED] = variants[same]
+                else:
+                    variants[DEPLOYED] = predict(learner, fit(learner, chosen, sx, sy), test_images[task.query])
             for name, p in variants.items():
                 probs.setdefault(name, []).append(p)
         per_task = {

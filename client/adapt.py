@@ -1,9 +1,9 @@
 """``fedmeta adapt``: a new hospital's own model from the meta-model and K labelled scans per class.
 
 The K shots per class (drawn from the hospital's train split with the seed) are the whole labelled budget.
-How to adapt is chosen on them alone (:mod:`shared.learning.adaptation`: inner loop, fine-tune or scratch, by
-leave-one-shot-per-class-out cross-validation; the procedure the server's held-out comparison and ``bench quality``
-score as ``deployed``).
+How to adapt is chosen on them alone (:mod:`shared.learning.adaptation`: the fine-tune of the meta-model, or scratch
+when leave-one-shot-per-class-out cross-validation says clearly that it is better; the procedure the server's
+held-out comparison and ``bench quality`` score as ``deployed``).
 
 The chosen candidate is trained on all the shots and evaluated once on the hospital's test split, next to
 the scratch candidate (the same recipe from a fresh initialisation), with bootstrap intervals for both and for

@@ -22,7 +22,7 @@ from shared.config import FedMetaConfig
 from shared.data.federation import HELDOUT_FOLDER, federation_dir, hospital_name
 from shared.data.hospital_folder import HospitalData, load_hospital, preprocess_for
 from shared.errors import UserError
-from shared.learning.adaptation import choose_adaptation, fit
+from shared.learning.adaptation import choose_adaptation
 from shared.learning.evaluation import (
     FewShotProtocol,
     FewShotTask,
@@ -30,7 +30,6 @@ from shared.learning.evaluation import (
     few_shot_metrics,
     hospital_tasks,
     paired_gain,
-    predict,
 )
 from shared.learning.maml import MetaLearner, Params
 from shared.learning.models import build_model
@@ -105,10 +104,7 @@ class HeldoutHospitals:
                 sx, sy = train_images[task.support], torch.from_numpy(task.support_y)
                 chosen = choose_adaptation(learner, self.cfg, meta_params, fresh, sx, sy, shots).chosen
                 picks[chosen.name] += 1
-                if (same := SAME_RECIPE.get(chosen.kind)) is not None:  # that fit is made above already
-                    variants[DEPLOYED] = variants[same]
-                else:
-                    variants[DEPLOYED] = predict(learner, fit(learner, chosen, sx, sy), test_images[task.query])
+                variants[DEPLOYED] = variants[SAME_RECIPE[chosen.kind]]  # the rule deploys one of these, fitted above
             for name, p in variants.items():
                 probs.setdefault(name, []).append(p)
         per_task = {

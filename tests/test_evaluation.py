@@ -8,12 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.func import functional_call
 
 from server.heldout import HeldoutHospitals
 from shared.config import FedMetaConfig
 from shared.learning.adaptation import choose_adaptation
 from shared.learning.evaluation import FewShotProtocol, classification_metrics, hospital_tasks
-from shared.learning.maml import Params
+from shared.learning.maml import MetaLearner, Params
+from shared.learning.models import build_model
 from shared.run_folder import DEPLOYED
 from simulations.data.synthetic import write_synthetic_federation
 
@@ -135,3 +138,20 @@ def test_a_fresh_initialisation_follows_its_seed_and_leaves_the_global_generator
     assert torch.equal(torch.get_rng_state(), before)
     assert all(torch.equal(first[n], again[n]) for n in first)
     assert not all(torch.equal(first[n], other[n]) for n in first)
+
+
+def test_the_protocols_adam_is_torchs_per_tensor_adam_on_every_parameter() -> None:
+    cfg = FedMetaConfig().replace(model={"width": 4})
+    learner = MetaLearner(build_model(cfg.model), cfg.maml)
+    init = FewShotProtocol.fresh_init(cfg.model, 0)
+    generator = torch.Generator().manual_seed(0)
+    sx, sy = torch.randn(6, 1, 28, 28, generator=generator), torch.tensor([0, 0, 0, 1, 1, 1])
+    params = {n: v.clone().requires_grad_() for n, v in init.items()}
+    optimizer = torch.optim.Adam(list(params.values()), lr=1e-2, foreach=False)
+    for _ in range(5):
+        optimizer.zero_grad()
+        F.cross_entropy(functional_call(learner.model, params, (sx,)), sy).backward()
+        optimizer.step()
+    trained = FewShotProtocol.adam(learner, init, sx, sy, 5, 1e-2)
+    for name, p in params.items():
+        torch.testing.assert_close(trained[name], p.detach(), rtol=1e-6, atol=1e-7)

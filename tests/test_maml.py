@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,7 +11,8 @@ from torch.func import functional_call
 
 from shared.config import MamlConfig, ModelConfig
 from shared.learning.maml import INNER_LR_PREFIX, EpisodeBatch, MetaLearner, Params
-from shared.learning.models import build_model
+from shared.learning.models import HEAD_PREFIX, build_model
+from simulations.bench import maml as bench_maml
 
 N_WAY, K_SHOT, Q_QUERY, EPISODES = 2, 2, 3, 3
 
@@ -138,6 +141,31 @@ def test_first_order_outer_grad_is_query_grad_at_adapted_params() -> None:
     torch.testing.assert_close(flat(grads, 0), expected, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("path", ["loop", "batched"])
+@pytest.mark.parametrize("variant", [*VARIANTS, "first-order"])
+def test_zero_head_outer_grad_equals_the_classic_inner_loop_from_a_zeroed_head(variant: str, path: str) -> None:
+    # the inner loop's first step differentiates the zero head alone (the backbone's gradient is zero there); the
+    # classic loops differentiate everything at every step
+    maml = VARIANTS.get(variant, {"order": "first"})
+    learner, params, batch = tiny_learner(head_init="zero", **maml)
+    grads = learner.per_episode_outer_grads(params, batch, path).grads
+    zeroed = {k: torch.zeros_like(v) if k.startswith(HEAD_PREFIX) else v for k, v in params.items()}
+    for i in range(EPISODES):
+        if variant == "first-order":
+            fast = adapted_without_graph(learner, zeroed, batch.support_x[i], batch.support_y[i], 2)
+            query_loss = F.cross_entropy(functional_call(learner.model, fast, (batch.query_x[i],)), batch.query_y[i])
+            reference = dict(zip(fast, torch.autograd.grad(query_loss, list(fast.values())), strict=True))
+        else:
+            leaves = {k: v.detach().requires_grad_() for k, v in zeroed.items()}
+            loss = post_adaptation_query_loss(learner, leaves, batch, i)
+            reference = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)))
+        for name, expected in reference.items():
+            if name.startswith(HEAD_PREFIX):  # the zero head is the task's, not a meta-parameter
+                assert not grads[name][i].any()
+            else:
+                torch.testing.assert_close(grads[name][i], expected, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("variant", [*VARIANTS, "first-order"])
 def test_loop_and_batched_paths_agree_in_float64(variant: str) -> None:
     learner, params, batch = tiny_learner(**VARIANTS.get(variant, {"order": "first"}))
@@ -204,3 +232,17 @@ def test_meta_training_on_learnable_episodes_beats_chance() -> None:
     test = episodes(20)
     accuracy = (learner.predict_query(params, test).argmax(-1) == test.query_y).float().mean().item()
     assert accuracy > 0.8
+
+
+def test_bench_maml_times_the_default_order_with_dp_against_the_classic_reference() -> None:
+    parser = argparse.ArgumentParser()
+    bench_maml.add_arguments(parser)
+    args = parser.parse_args(["--device", "cpu"])
+    vars(args).update(meta_batch=2, n_way=2, k_shot=1, q_query=1, width=4, steps=1)
+    result = bench_maml.run(args)
+    assert result["config"]["order"] == MamlConfig().order
+    assert result["chosen_path"] == "loop"
+    assert all(v > 0 for d in result["tasks_per_s"].values() for v in d.values())
+    assert result["speedup_vs_reference"] == pytest.approx(
+        result["tasks_per_s"]["loop"]["dp_on"] / result["reference_tasks_per_s"], rel=0.01
+    )

@@ -211,10 +211,8 @@ def test_quality_bench_scores_every_method_on_the_same_tasks_against_fedavg_fine
         oracle, chosen = (variants[f"{method}/{v}"]["balanced-accuracy"] for v in ("oracle-upper-bound", "deployed"))
         assert record["mean_gap_to_best_candidate"] == pytest.approx(oracle - chosen)
         assert (record["worse_than_best_candidate"] > 0) == (oracle > chosen)
-        # the deployed pick is the best out-of-fold score's or, when that does not win clearly, the fine-tune
-        argmax = record["cv_argmax_picked"]
-        assert all(record["picked"].get(k, 0) <= argmax.get(k, 0) for k in ("inner-loop", "scratch"))
-        assert record["picked"].get("fine-tune", 0) >= argmax.get("fine-tune", 0)
+        # the deployed pick is the fine-tune or, when scratch beats it clearly, scratch: never an inner loop
+        assert set(record["picked"]) <= {"fine-tune", "scratch"}
     assert set(picks) == set(methods)
     assert {v["tasks"] for v in variants.values()} == {3}
     reference = variants["fedavg/fine-tune"]["balanced-accuracy vs fedavg/fine-tune"]

@@ -38,7 +38,7 @@ from shared.config import ExecutionPath, MamlConfig
 from shared.learning.models import BACKBONE_PREFIX, HEAD_PREFIX, MetaClassifier
 
 Params = dict[str, Tensor]
-InnerGrads = Callable[[Callable[[Params], Tensor], Params], Params]
+InnerGrads = Callable[[Callable[[Params], Tensor], Params, list[str]], Params]  # (loss, fast, names) -> grads of names
 INNER_LR_PREFIX = "inner_lr."
 
 
@@ -205,10 +205,19 @@ class MetaLearner:
             def support_loss(fast: Params) -> Tensor:
                 return _summed_episode_loss(head(fast, features(fast, support_x)), support_y)
 
+        # With a zero head the support loss's gradient w.r.t. the backbone is zero at the first step, whatever the
+        # backbone (it goes through the head's weight): that step differentiates the head alone.
+        moving = [n for n in self.adapted_names if n.startswith(HEAD_PREFIX)] if self.cfg.head_init == "zero" else None
         while True:
             yield adapted
-            grads = inner_grads(support_loss, adapted)
-            adapted = {n: p - self._inner_lr(meta_params, n) * grads[n] for n, p in adapted.items()}
+            names = moving or self.adapted_names
+            grads = inner_grads(support_loss, adapted, names)
+            # the others as fresh views: the next step's gradient is partial in them, not also through the head
+            adapted = {
+                n: p - self._inner_lr(meta_params, n) * grads[n] if n in grads else p.view_as(p)
+                for n, p in adapted.items()
+            }
+            moving = None
 
     def _task_head(self, meta_params: Params, support_features: Tensor | None, support_y: Tensor) -> Params:
         """The head a task's inner loop starts from (with the episode dimension when the inputs have one)."""
@@ -224,14 +233,14 @@ class MetaLearner:
     def _inner_lr(self, meta_params: Params, name: str) -> Tensor | float:
         return meta_params[INNER_LR_PREFIX + name] if self.cfg.meta_sgd else self.cfg.inner_lr
 
-    def _autograd_inner_grads(self, loss: Callable[[Params], Tensor], fast: Params) -> Params:
-        values = torch.autograd.grad(loss(fast), list(fast.values()), create_graph=self.cfg.order == "second")
-        return dict(zip(fast, values, strict=True))
+    def _autograd_inner_grads(self, loss: Callable[[Params], Tensor], fast: Params, names: list[str]) -> Params:
+        values = torch.autograd.grad(loss(fast), [fast[n] for n in names], create_graph=self.cfg.order == "second")
+        return dict(zip(names, values, strict=True))
 
     @staticmethod
-    def detached_inner_grads(loss: Callable[[Params], Tensor], fast: Params) -> Params:
-        leaves = {n: p.detach().requires_grad_() for n, p in fast.items()}
-        return dict(zip(fast, torch.autograd.grad(loss(leaves), list(leaves.values())), strict=True))
+    def detached_inner_grads(loss: Callable[[Params], Tensor], fast: Params, names: list[str]) -> Params:
+        leaves = {n: p.detach().requires_grad_(n in names) for n, p in fast.items()}
+        return dict(zip(names, torch.autograd.grad(loss(leaves), [leaves[n] for n in names]), strict=True))
 
     def _outer_grads(self, leaves: Params, batch: EpisodeBatch, batched: bool) -> tuple[Params, Tensor]:
         """Gradients of the post-adaptation query loss w.r.t. ``leaves`` (one episode, or all

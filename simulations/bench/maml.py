@@ -1,7 +1,7 @@
 """MAML meta-step throughput: both execution paths, DP off and on, against a classic reference.
 
 The reference is per-task MAML written the way learn2learn, higher and torchopt do it: clone the
-weights, take inner steps with ``create_graph=True``, one task at a time, and accumulate the
+weights, take inner steps (with ``create_graph=True`` in second order), one task at a time, and accumulate the
 query loss's gradient with ``backward()``. It computes no per-task gradients, so it cannot be
 made private; fedmeta must match it while producing them.
 """
@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--channels", type=int, default=1)
     parser.add_argument("--arch", default="conv4", choices=["conv4", "resnet18"])
     parser.add_argument("--width", type=int, default=32)
-    parser.add_argument("--order", default="second", choices=["second", "first"])
+    parser.add_argument("--order", default=MamlConfig.order, choices=["second", "first"], help="default: maml.order's")
     parser.add_argument("--steps", type=int, default=3, help="timed meta-steps per measurement (median taken)")
     parser.add_argument("--no-cuda-graphs", action="store_true", help="launch kernels one by one on the GPU")
     parser.add_argument("--paths", default="loop,batched", help="comma-separated execution paths to time")

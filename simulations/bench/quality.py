@@ -23,8 +23,8 @@ network). Then, on the same few-shot tasks of each held-out hospital (K labelled
 class, all its test scans as queries), each trained model is scored with the one few-shot protocol
 (:class:`~shared.learning.evaluation.FewShotProtocol`) after k = 0, 1, 5, 10 inner-loop steps and after
 its fine-tune, next to local-only training (the protocol's scratch model on the same shots), and as
-deployed (``deployed``): what ``fedmeta adapt`` does at a new hospital, the candidate its cross-validation
-on the shots picks (inner loop, fine-tune or scratch; :mod:`shared.learning.adaptation`), fitted on all shots.
+deployed (``deployed``): what ``fedmeta adapt`` does at a new hospital, the candidate its cross-validation on the
+shots picks (the fine-tune, or scratch when it wins clearly; :mod:`shared.learning.adaptation`), fitted on all shots.
 Beside it, from the same cross-validation: ``cv-argmax``, the candidate with the best out-of-fold score, and
 ``oracle-upper-bound``, the candidate with the best balanced accuracy on the test scans, which no hospital can pick
 (an upper bound on balanced accuracy, not a method).
@@ -48,6 +48,7 @@ import math
 import shutil
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,7 +63,7 @@ from shared.atomic import atomic_write_json
 from shared.config import FedMetaConfig, parse_assignments
 from shared.data.federation import federation_dir, hospital_name
 from shared.errors import UserError
-from shared.learning.adaptation import Candidate, Validation, choose_adaptation, fit
+from shared.learning.adaptation import Candidate, CandidateKind, Validation, challenge, choose_adaptation, fit
 from shared.learning.episodes import EpisodeError
 from shared.learning.evaluation import (
     FewShotProtocol,
@@ -384,7 +385,14 @@ def prefer_meta_over_scratch(options: list[Candidate], validation: Validation) -
 
 
 # other rules over the same cross-validation, scored beside the deployed one (no extra fits)
-ALTERNATIVE_RULES = {"previous-rule": prefer_meta_over_scratch}
+ANY_CHALLENGER: frozenset[CandidateKind] = frozenset({"inner-loop", "scratch"})
+ALTERNATIVE_RULES: dict[str, Callable[[list[Candidate], Validation], Candidate]] = {
+    "rule-meta-unless-scratch-wins": prefer_meta_over_scratch,  # deployed 2026-12-06
+    "rule-fine-tune-unless-any-wins": lambda options, validation: challenge(options, validation, ANY_CHALLENGER).chosen,
+    "rule-fine-tune-unless-any-wins-by-2se": lambda options, validation: (
+        challenge(options, validation, ANY_CHALLENGER, standard_errors=2).chosen
+    ),
+}
 
 
 def evaluate(

@@ -352,9 +352,9 @@ def results_table(result: dict[str, Any]) -> str:
         f"run folder {result['run_dir']}",
         "",
         "Few-shot on hospitals that never trained: balanced accuracy / AUC on the same shots and scans.",
-        "deployed = what `fedmeta adapt` deploys (meta+ft, or scratch when cross-validation on the shots prefers it);",
-        "meta = meta-model after the inner loop; meta+ft = meta-init fine-tuned with Adam; scratch = a fresh model",
-        "trained with Adam on the same shots; gains are paired per task against scratch, mean ± 95% interval.",
+        "deployed = what `fedmeta adapt` deploys (meta+ft, or scratch where cross-validation on the shots clearly",
+        "prefers it); meta = meta-model after the inner loop; meta+ft = meta-init fine-tuned with Adam; scratch =",
+        "a fresh model trained with Adam on the same shots; gains: paired per task against scratch, mean ± 95% CI.",
         f"{'hospital':<14}{'deployed':>13}{'meta':>13}{'meta+ft':>13}{'scratch':>13}"
         f"{'deployed gain':>18}{'meta+ft gain':>18}",
     ]

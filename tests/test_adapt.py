@@ -184,6 +184,10 @@ def test_adapt_deploys_the_fine_tune_unless_scratch_beats_it_by_more_than_a_stan
     # better on every fold where they differ, by more than the standard error of the difference: scratch
     clear = challenge(options, validation([1.0, 1.0, 1.0, 1.0, 1.0], scratch))
     assert clear.margin["mean"] > clear.margin["standard_error"] and clear.chosen is scratch
+    # by between one and two standard errors (0.2 against 0.12): scratch, but not for a two-standard-error rule
+    between = validation([1.0, 1.0, 1.0, 1.0, 0.5], scratch)
+    assert challenge(options, between).chosen is scratch
+    assert challenge(options, between, standard_errors=2).chosen is fine
     # the meta-model's own inner loops do not challenge its fine-tune, however they score (they did, and it cost)
     for inner_loop in (inner, longer):
         assert challenge(options, validation([1.0, 1.0, 1.0, 1.0, 1.0], inner_loop)).chosen is fine

@@ -203,6 +203,16 @@ def test_few_shot_prediction_matches_manual_adaptation() -> None:
     torch.testing.assert_close(probs[1], expected.detach())
 
 
+def test_few_shot_prediction_with_a_zero_head_matches_manual_adaptation_from_a_zeroed_head() -> None:
+    learner, params, batch = tiny_learner(head_init="zero")
+    zeroed = {k: torch.zeros_like(v) if k.startswith(HEAD_PREFIX) else v for k, v in params.items()}
+    for steps in (1, 2):  # the first step moves the head alone, the second everything
+        probs = learner.predict_query(params, batch, steps=steps)
+        fast = adapted_without_graph(learner, zeroed, batch.support_x[1], batch.support_y[1], steps)
+        expected = functional_call(learner.model, fast, (batch.query_x[1],)).softmax(-1)
+        torch.testing.assert_close(probs[1], expected.detach())
+
+
 def test_meta_training_on_learnable_episodes_beats_chance() -> None:
     """A few hundred meta-steps on a task family with a real signal reach well above 50%."""
     torch.manual_seed(0)

@@ -163,7 +163,8 @@ def challenge(
     Out-of-fold scores on a few shots are noisy, and choosing among the meta-model's own candidates on them cost the
     most: on the training hospitals' own test splits (BENCHMARKS.md), letting an inner loop challenge the fine-tune
     too scored 0.5-2.3 points below always fine-tuning, scratch alone as the challenger 0.3-0.9 (the price of the
-    fallback on hospitals that did not need it).
+    fallback on hospitals that did not need it). The server's held-out comparison relies on the default challengers:
+    the recipes it deploys are the fine-tune and scratch it scores anyway (``server.heldout.SAME_RECIPE``).
     """
     (default,) = (c for c in options if c.kind == "fine-tune")
     challenger = validation.best(c for c in options if c.kind in challengers)

@@ -3,7 +3,8 @@
 The reference is per-task MAML written the way learn2learn, higher and torchopt do it: clone the
 weights, take inner steps (with ``create_graph=True`` in second order), one task at a time, and accumulate the
 query loss's gradient with ``backward()``. It computes no per-task gradients, so it cannot be
-made private; fedmeta must match it while producing them.
+made private; fedmeta must match it while producing them. It adapts from the stored head at every step; fedmeta,
+with ``maml.head-init=zero``, skips the backbone's backward pass at the first step, where its gradient is zero.
 """
 
 from __future__ import annotations

@@ -63,7 +63,15 @@ from shared.atomic import atomic_write_json
 from shared.config import FedMetaConfig, parse_assignments
 from shared.data.federation import federation_dir, hospital_name
 from shared.errors import UserError
-from shared.learning.adaptation import Candidate, CandidateKind, Validation, challenge, choose_adaptation, fit
+from shared.learning.adaptation import (
+    Candidate,
+    CandidateKind,
+    Challenge,
+    Validation,
+    challenge,
+    choose_adaptation,
+    fit,
+)
 from shared.learning.episodes import EpisodeError
 from shared.learning.evaluation import (
     FewShotProtocol,
@@ -380,8 +388,7 @@ def prefer_meta_over_scratch(options: list[Candidate], validation: Validation) -
     scratch candidate's per-fold balanced accuracy is higher by more than one standard error."""
     meta = validation.best(c for c in options if c.kind != "scratch")
     scratch = validation.best(c for c in options if c.kind == "scratch")
-    margin = validation.margin(scratch, meta)
-    return scratch if margin["mean"] > margin["standard_error"] else meta
+    return Challenge(meta, scratch, validation.margin(scratch, meta)).chosen
 
 
 # other rules over the same cross-validation, scored beside the deployed one (no extra fits)

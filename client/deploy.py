@@ -10,7 +10,8 @@ The SuperNode runs only this hospital's installed fedmeta, in one process that s
 :mod:`client.trusted_app` first on PATH as its ``flower-superexec``, which serves every message with the
 installed ClientApp, loaded once, and refuses a run whose app differs before any of it is unpacked. The
 SuperNode is Flower's, run by this module (``python -m client.deploy``) so that it asks the server for
-work every 0.3 s instead of every 3 s.
+work every 0.3 s instead of every 3 s, and serves on after a run stopped while it received a message
+(:func:`survive_stopped_runs`).
 
 The SuperLink refuses a key that is not registered, and also, for up to two missed heartbeats
 (about a minute), the key of a client that crashed and has not been noticed gone yet: so a refused
@@ -34,7 +35,8 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Literal
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -60,6 +62,9 @@ from shared.flower_processes import (
     stop_process_tree,
     toml_value,
 )
+
+if TYPE_CHECKING:
+    from flwr.supernode.nodestate.in_memory_nodestate import InMemoryNodeState
 
 ACTIVATION_TIMEOUT_S = 1.5 * HEARTBEAT_PATIENCE * HEARTBEAT_DEFAULT_INTERVAL
 SERVER_WAIT_S = 600.0
@@ -389,12 +394,67 @@ def run_supernode(settings: ClientSettings, env: dict[str, str], log_path: Path)
     raise UserError(f"the Flower SuperNode exited with status {status}; see {log_path}")
 
 
+class _Receiving:
+    """A SuperNode's state as one receive of Flower's uses it, noting the message it stores and the task it creates."""
+
+    def __init__(self, state: InMemoryNodeState) -> None:
+        self.state = state
+        self.message_id: str | None = None
+        self.task_id: int | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.state, name)
+
+    def store_message(self, message: Any) -> str | None:
+        self.message_id = self.state.store_message(message)
+        return self.message_id
+
+    def create_task(self, **kwargs: Any) -> int | None:
+        self.task_id = self.state.create_task(**kwargs)
+        return self.task_id
+
+
+def survive_stopped_runs(supernode: ModuleType) -> None:
+    """Flower 1.42's SuperNode (``supernode``: its ``start_client_internal`` module) after a run is stopped while
+    one of its messages is being received: it stops receiving but leaves the message and its task for the
+    ClientApp, which waits for arrays that never come (minutes, while the next run's messages queue behind it)
+    or, when the message had arrived, answers it after the SuperNode's one chance to send that answer. And the
+    SuperNode sends replies only right after it received a message, whichever are ready then: the late answer
+    went out in place of the reply to the next message, and that reply never did (the server waits for it, so
+    no message comes to send it after). Here a receive the run's stop cut short also drops its message and ends
+    its task, and an ask for work that brings nothing sends the replies that are ready."""
+    receive = supernode._pull_and_store_message
+
+    def receive_within_runs(*, state: InMemoryNodeState, object_store: Any, **kwargs: Any) -> int | None:
+        from flwr.common.constant import SubStatus
+
+        receiving = _Receiving(state)
+        run_id = receive(state=receiving, object_store=object_store, **kwargs)
+        if run_id is None and receiving.task_id is not None and receiving.message_id is not None:
+            state.delete_messages(message_ids=[receiving.message_id])
+            object_store.delete(receiving.message_id)
+            state.finish_task(receiving.task_id, SubStatus.STOPPED, "its run stopped while its message was received")
+        if run_id is None:
+            with state.lock_msg_store:  # what get_messages_legacy would return, without taking it
+                ready = [
+                    entry.message.metadata.run_id
+                    for entry in state.msg_store.values()
+                    if entry.message.metadata.reply_to_message_id and not entry.is_retrieved
+                ]
+            run_id = ready[0] if ready else None
+        return run_id
+
+    supernode._pull_and_store_message = receive_within_runs  # type: ignore[attr-defined]
+
+
 def supernode_main() -> None:
-    """``python -m client.deploy ARGS``: Flower's ``flower-supernode ARGS``, SUPERNODE_SPEEDUP times as prompt."""
+    """``python -m client.deploy ARGS``: Flower's ``flower-supernode ARGS``, SUPERNODE_SPEEDUP times as prompt, and
+    serving on after a stopped run."""
     from flwr.supernode import start_client_internal
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
     prompt_sleeps(start_client_internal, SUPERNODE_SPEEDUP)
+    survive_stopped_runs(start_client_internal)
     prompt_object_pulls(start_client_internal, "pull_objects", SERVER_PULL_RETRY_S)
     flower_supernode()
 

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.flower_processes import PROJECT_DIR, prompt_object_pulls
-from shared.installed_app import RuntimeApi, installed_fab_hash
+from shared.installed_app import RuntimeApi, installed_fab_hash, task_gone
 
 log = logging.getLogger(__name__)
 
@@ -121,10 +121,14 @@ def serve_task(
         else:
             print(f"{REFUSED_PREFIX} {run.run_id}: {refused}", file=sys.stderr, flush=True)
             reply, details = Message(Error(ErrorCode.INVALID_FAB, refused), reply_to=message), refused
-    except Exception:  # the ClientApp answers its own failures; this is Flower's part failing
-        log.exception("a task failed")
-        if message is not None:
-            reply = Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, details), reply_to=message)
+    except Exception as err:  # the ClientApp answers its own failures; this is Flower's part failing
+        if task_gone(err):  # its run was stopped: nobody waits for an answer, and the task has ended
+            log.info("a task of a stopped run ended unanswered")
+            status = SubStatus.STOPPED
+        else:
+            log.exception("a task failed")
+            if message is not None:
+                reply = Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, details), reply_to=message)
     try:
         if reply is not None and context is not None:
             push_message(client, reply, context)
@@ -132,7 +136,8 @@ def serve_task(
         log.exception("the reply could not be handed to the SuperNode")
     finally:
         heartbeat.stop()
-        push_task_output(client, context, status, details)
+        if status != SubStatus.STOPPED:
+            push_task_output(client, context, status, details)
         client.close()
 
 

@@ -50,21 +50,26 @@ def installed_fab_hash() -> str:
     return hashlib.sha256(app_fab()).hexdigest()
 
 
+def task_gone(err: BaseException) -> bool:
+    """The SuperNode or SuperLink answered a task's call that it no longer knows the task: its run stopped (403) or
+    its token is gone (401)."""
+    import httpx
+
+    return isinstance(err, httpx.HTTPStatusError) and err.response.status_code in (401, 403)
+
+
 def task_retry_invoker() -> Any:
     """Flower's retry invoker for one task's calls, except that a task the SuperNode or SuperLink no longer knows
     (its run stopped: 403; its token gone: 401) fails that call with the HTTP error. Flower's own sends SIGINT to
     the whole process on a 401 (ending a one-task ``flwr-clientapp``) and raises past ``httpx.HTTPError`` on a
     403, which would end an executor that serves every later task too."""
-    import httpx
     from flwr.supercore.retry import make_simple_http_retry_invoker
 
     invoker = make_simple_http_retry_invoker()
     flower_should_giveup = invoker.should_giveup
 
     def should_giveup(err: Exception) -> bool:
-        if isinstance(err, httpx.HTTPStatusError) and err.response.status_code in (401, 403):
-            return True
-        return flower_should_giveup(err)
+        return task_gone(err) or flower_should_giveup(err)
 
     invoker.should_giveup = should_giveup
     return invoker

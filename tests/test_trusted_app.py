@@ -5,6 +5,7 @@ whose run is stopped while it is served does not end the executor."""
 from __future__ import annotations
 
 import hashlib
+import logging
 import shlex
 import threading
 from pathlib import Path
@@ -115,3 +116,25 @@ def test_a_task_whose_run_was_stopped_fails_its_call_and_the_executor_serves_on(
     assert task_retry_invoker().should_giveup(stopped) is True
     unavailable = httpx.HTTPStatusError("busy", request=request, response=httpx.Response(503, request=request))
     assert task_retry_invoker().should_giveup(unavailable) is False  # still retried, as Flower does
+
+
+def test_a_task_of_a_run_stopped_before_its_message_arrived_ends_unanswered_and_silent(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The SuperNode ended the task (its run stopped while the message was received): the executor answers
+    nothing, reports no failure to the hospital and is free for the next task."""
+    request = httpx.Request("POST", "http://127.0.0.1/v1/runtime/pull-object")
+    gone = httpx.HTTPStatusError("gone", request=request, response=httpx.Response(401, request=request))
+
+    def pull_task_input(client: Any) -> None:
+        raise gone
+
+    calls: list[str] = []
+    monkeypatch.setattr(run_clientapp, "pull_task_input", pull_task_input)
+    monkeypatch.setattr(run_clientapp, "push_message", lambda *args: calls.append("reply"))
+    monkeypatch.setattr(run_clientapp, "push_task_output", lambda *args: calls.append("task output"))
+    ready = threading.Thread(target=lambda: None)
+    ready.start()
+    serve_task(TaskClient(), TaskType.CLIENT_APP, hashlib.sha256(FAB).hexdigest(), lambda **kw: "reply", ready)
+    assert calls == []
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]

@@ -59,6 +59,9 @@ class MamlConfig:
     # pneumonia federations, and no worse held out after a fine-tune (BENCHMARKS.md); second order is an option.
     order: Order = "first"
     anil: bool = False
+    # The inner loop adapts the head and the normalisation's scale and shift only (a site's scanner shift absorbed
+    # by a few parameters); the convolutions stay at the meta-parameters.
+    norm_affine: bool = False
     meta_sgd: bool = False
     path: ExecutionPath = "auto"
     cuda_graphs: bool = True
@@ -69,6 +72,8 @@ class MamlConfig:
             raise ConfigError(f"maml.inner-steps={self.inner_steps}: must be >= 0")
         if self.inner_lr <= 0:
             raise ConfigError(f"maml.inner-lr={self.inner_lr}: must be > 0")
+        if self.anil and self.norm_affine:
+            raise ConfigError("maml.anil and maml.norm-affine both choose what the inner loop adapts: set one")
         if self.head_init == "zero" and self.inner_steps == 0:
             raise ConfigError(
                 "maml.head-init=zero with maml.inner-steps=0 predicts uniformly and learns nothing; "

@@ -40,7 +40,13 @@ from simulations.data.synthetic import write_synthetic_federation
 from simulations.launcher import flwr_run, simulation_superlink
 
 HELDOUT_METHODS = (DEPLOYED, "meta", "meta+fine-tune", "scratch")
-_MAML = {"maml.order": "second", "maml.anil": False, "maml.meta-sgd": False, "maml.head-init": "learned"}
+_MAML = {
+    "maml.order": "second",
+    "maml.anil": False,
+    "maml.norm-affine": False,
+    "maml.meta-sgd": False,
+    "maml.head-init": "learned",
+}
 # Every method is a preset of run settings over the same app; ``--set`` still wins.
 METHODS: dict[str, dict[str, Any]] = {
     "fedmeta": _MAML,
@@ -51,6 +57,13 @@ METHODS: dict[str, dict[str, Any]] = {
     # Inner rate 0.01: from a prototype head, steps at 0.1 overshoot (blood training hospitals: 0.780 vs 0.958)
     "proto-maml-first-order": {**_MAML, "maml.order": "first", "maml.head-init": "prototypes", "maml.inner-lr": 0.01},
     "anil": {**_MAML, "maml.anil": True},
+    # The inner loop adapts the zero head and the GroupNorm scale and shift only (issue 14 item 2).
+    "norm-affine-first-order-zero-head": {
+        **_MAML,
+        "maml.order": "first",
+        "maml.head-init": "zero",
+        "maml.norm-affine": True,
+    },
     "meta-sgd": {**_MAML, "maml.meta-sgd": True},
     # FedAvg in gradient form (one local step, server Adam): supervised gradients on class-balanced
     # batches with classes in fixed order; fine-tuned on a new hospital's shots.

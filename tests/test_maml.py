@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from shared.config import MamlConfig, ModelConfig
+from shared.config import ConfigError, MamlConfig, ModelConfig
 from shared.learning.maml import INNER_LR_PREFIX, EpisodeBatch, MetaLearner, Params
 from shared.learning.models import HEAD_PREFIX, build_model
 from simulations.bench import maml as bench_maml
@@ -82,7 +82,26 @@ VARIANTS = {
     "anil": {"anil": True},
     "meta-sgd": {"meta_sgd": True},
     "anil+meta-sgd": {"anil": True, "meta_sgd": True},
+    "norm-affine": {"norm_affine": True},
+    "norm-affine+meta-sgd": {"norm_affine": True, "meta_sgd": True},
 }
+
+
+def test_norm_affine_adapts_the_head_and_the_group_norm_scale_and_shift_only() -> None:
+    learner, params, batch = tiny_learner(norm_affine=True)
+    norms = [f"backbone.{block}.1.{name}" for block in range(4) for name in ("weight", "bias")]
+    assert sorted(learner.adapted_names) == sorted([*norms, "head.weight", "head.bias"])
+    adapted = learner.adapted_params(params, batch.support_x[0], batch.support_y[0], learner.detached_inner_grads)
+    assert all(not torch.equal(adapted[n], params[n]) for n in learner.adapted_names)
+    # the convolutions a prediction uses are the meta-parameters themselves
+    predict = learner.adapt(params, batch.support_x[0], batch.support_y[0], learner.detached_inner_grads)
+    reference = functional_call(learner.model, {**params, **adapted}, (batch.query_x[0],))
+    torch.testing.assert_close(predict(batch.query_x[0]), reference)
+
+
+def test_anil_and_norm_affine_are_one_choice() -> None:
+    with pytest.raises(ConfigError, match="both choose what the inner loop adapts"):
+        MamlConfig(anil=True, norm_affine=True)
 
 
 @pytest.mark.parametrize("path", ["loop", "batched"])

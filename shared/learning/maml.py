@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from shared.config import ExecutionPath, MamlConfig
@@ -113,7 +113,18 @@ class MetaLearner:
         self.model = model
         self.cfg = cfg
         names = [name for name, _ in model.named_parameters()]
-        self.adapted_names = [n for n in names if n.startswith(HEAD_PREFIX)] if cfg.anil else names
+        norms = {
+            f"{module_name}.{name}"
+            for module_name, module in model.named_modules()
+            if isinstance(module, nn.GroupNorm)
+            for name, _ in module.named_parameters(recurse=False)
+        }
+        if cfg.anil:
+            self.adapted_names = [n for n in names if n.startswith(HEAD_PREFIX)]
+        elif cfg.norm_affine:
+            self.adapted_names = [n for n in names if n.startswith(HEAD_PREFIX) or n in norms]
+        else:
+            self.adapted_names = names
         self._replicas = threading.local()
         self._graphed = GraphedOuterGrads(self._batched_outer_grads)
 
@@ -159,7 +170,7 @@ class MetaLearner:
         adapted = self.adapted_params(meta_params, support_x, support_y, inner_grads, steps, batched)
         features = vmap(self.features) if batched else self.features
         head = vmap(self._head_logits) if batched else self._head_logits
-        backbone = meta_params if self.cfg.anil else adapted
+        backbone = {**meta_params, **adapted}
         return lambda x: head(adapted, features(backbone, x))
 
     def adapted_params(
@@ -187,7 +198,8 @@ class MetaLearner:
         """The parameters in ``adapted_names`` as the task starts, then after each inner-loop step (the others stay
         at ``meta_params``). A task starts from ``meta_params`` with the head ``maml.head-init`` says, here and
         nowhere else, so meta-training, evaluation and ``fedmeta adapt`` start alike. With ANIL only the head
-        adapts, so the backbone's features are computed once."""
+        adapts, so the backbone's features are computed once; with ``maml.norm-affine`` the head and the
+        normalisation's scale and shift."""
         features = vmap(self.features) if batched else self.features
         head = vmap(self._head_logits) if batched else self._head_logits
         needs_features = self.cfg.anil or self.cfg.head_init == "prototypes"
@@ -196,6 +208,7 @@ class MetaLearner:
         # Views: the loop's own variables, so the support loss's gradient is partial in each (with a prototype
         # head, not also through the head's dependence on the backbone it starts from).
         adapted = {n: start[n].view_as(start[n]) for n in self.adapted_names}
+        kept = {n: p for n, p in start.items() if n not in adapted}
         if self.cfg.anil:
 
             def support_loss(fast: Params) -> Tensor:
@@ -203,7 +216,7 @@ class MetaLearner:
         else:
 
             def support_loss(fast: Params) -> Tensor:
-                return _summed_episode_loss(head(fast, features(fast, support_x)), support_y)
+                return _summed_episode_loss(head(fast, features({**kept, **fast}, support_x)), support_y)
 
         # With a zero head the support loss's gradient w.r.t. the backbone is zero at the first step, whatever the
         # backbone (it goes through the head's weight): that step differentiates the head alone.

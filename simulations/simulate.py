@@ -47,23 +47,19 @@ _MAML = {
     "maml.meta-sgd": False,
     "maml.head-init": "learned",
 }
+_FIRST_ORDER_ZERO_HEAD = {**_MAML, "maml.order": "first", "maml.head-init": "zero"}
 # Every method is a preset of run settings over the same app; ``--set`` still wins.
 METHODS: dict[str, dict[str, Any]] = {
     "fedmeta": _MAML,
     "fedmeta-first-order": {**_MAML, "maml.order": "first"},
     # A task's head starts at zero (the zeroing trick) or at its support scans' class prototypes (Proto-MAML):
     # episode label order costs nothing, and what is meta-trained is what a new hospital fine-tunes.
-    "fedmeta-first-order-zero-head": {**_MAML, "maml.order": "first", "maml.head-init": "zero"},
+    "fedmeta-first-order-zero-head": _FIRST_ORDER_ZERO_HEAD,
     # Inner rate 0.01: from a prototype head, steps at 0.1 overshoot (blood training hospitals: 0.780 vs 0.958)
     "proto-maml-first-order": {**_MAML, "maml.order": "first", "maml.head-init": "prototypes", "maml.inner-lr": 0.01},
     "anil": {**_MAML, "maml.anil": True},
     # The inner loop adapts the zero head and the GroupNorm scale and shift only (issue 14 item 2).
-    "norm-affine-first-order-zero-head": {
-        **_MAML,
-        "maml.order": "first",
-        "maml.head-init": "zero",
-        "maml.norm-affine": True,
-    },
+    "norm-affine-first-order-zero-head": {**_FIRST_ORDER_ZERO_HEAD, "maml.norm-affine": True},
     "meta-sgd": {**_MAML, "maml.meta-sgd": True},
     # FedAvg in gradient form (one local step, server Adam): supervised gradients on class-balanced
     # batches with classes in fixed order; fine-tuned on a new hospital's shots.
